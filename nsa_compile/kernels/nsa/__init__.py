@@ -1,0 +1,1 @@
+"""Native Sparse Attention: reference (`naive`), op registration (`op`), Triton launchers."""
