@@ -1,0 +1,1 @@
+"""The pass: trace → detect → plan (Report) → rewrite."""
