@@ -51,6 +51,8 @@ def overlap_weights(num_cmp: int, num_sel: int, params: NSAParams,
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last dim restricted to mask; rows with nothing visible give zeros."""
+    if scores.shape[-1] == 0:  # no compressed block yet (T < l): amax would refuse an empty dim
+        return scores.new_zeros(scores.shape)
     scores = scores.masked_fill(~mask, float("-inf"))
     peak = scores.detach().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
     p = torch.exp(scores - peak)
