@@ -1,11 +1,13 @@
 """Test set-up: the Triton interpreter on CPU, Hypothesis profiles, seeded RNG."""
 import os
 
-# Must be set before any @triton.jit module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter; must be set before any @triton.jit
+# module is imported (importing torch imports none).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25,

@@ -31,6 +31,13 @@ def nsa_fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Opt
     return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, p)
 
 
+@nsa_fwd.register_kernel("cuda")
+def _nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
+    # Imported on first CUDA call: CPU users never import Triton code.
+    from .triton_fwd import nsa_fwd_cuda
+    return nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, _params(*args))
+
+
 @nsa_fwd.register_fake
 def _nsa_fwd_fake(q, k, v, gates, k_cmp, v_cmp, *args):
     return q.new_empty(*q.shape[:3], v.shape[-1])

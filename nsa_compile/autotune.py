@@ -1,0 +1,191 @@
+"""The per-GPU autotune cache of kernel block sizes (SPEC §5).
+
+One JSON file per GPU model, keyed by the device *name* (an H100 and an H200 share a compute
+capability but not their best tiles). Entries are keyed by kernel, dtype, head dims, GQA group,
+NSA block parameters and a power-of-two length bucket. The header records the torch and Triton
+versions and a hash of the kernel sources; a corrupt or stale file is ignored with a warning.
+Writes are atomic (temp file + rename). Lookup order: the user's cache, then the defaults shipped
+in `templates/tuned/`, then the nearest tuned length bucket, then `DEFAULTS`. Live tuning happens
+only in eager code, never while torch.compile traces or a CUDA graph is being captured.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+
+from .templates.nsa_configs import DEFAULTS, KernelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TEMPLATES = Path(__file__).parent / "templates"
+SHIPPED = TEMPLATES / "tuned"
+MIN_BUCKET, MAX_BUCKET = 1024, 1 << 17
+
+
+def source_hash() -> str:
+    """Hash of the kernel templates and config spaces: a change makes old tunings stale."""
+    h = hashlib.sha256()
+    for path in sorted(TEMPLATES.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NSA_COMPILE_CACHE_DIR",
+                               Path.home() / ".cache" / "nsa_compile"))
+
+
+def length_bucket(T: int) -> int:
+    return min(MAX_BUCKET, max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(T, 1))))))
+
+
+def shape_key(kernel: str, dtype: torch.dtype, dk: int, dv: int, group: int, nsa: Iterable[int],
+              T: int) -> str:
+    """e.g. "cmp|bfloat16|dk128|dv128|g16|nsa32-16-64-16-1-2-512|T65536"."""
+    return (f"{kernel}|{str(dtype).replace('torch.', '')}|dk{dk}|dv{dv}|g{group}|"
+            f"nsa{'-'.join(str(int(x)) for x in nsa)}|T{length_bucket(T)}")
+
+
+def header(device_name: str) -> Dict[str, str]:
+    import triton
+    return {"format": FORMAT_VERSION, "device": device_name, "torch": torch.__version__,
+            "triton": triton.__version__, "source_hash": source_hash()}
+
+
+class TuneCache:
+    """Entries of one GPU model, loaded from `path`; `save()` writes atomically."""
+
+    def __init__(self, device_name: str, path: Path):
+        self.device_name, self.path = device_name, path
+        self.entries: Dict[str, Dict[str, int]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            head, entries = data["header"], data["entries"]
+            for cfg in entries.values():
+                KernelConfig.from_dict(cfg)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warnings.warn(f"nsa_compile: ignoring corrupt autotune cache {self.path} ({exc}); "
+                          "it will be rewritten", RuntimeWarning, stacklevel=3)
+            return
+        expected = header(self.device_name)
+        stale = [k for k in ("format", "device", "torch", "triton", "source_hash")
+                 if head.get(k) != expected[k]]
+        if stale:
+            warnings.warn(f"nsa_compile: ignoring stale autotune cache {self.path} "
+                          f"({', '.join(stale)} changed); it will be rewritten",
+                          RuntimeWarning, stacklevel=3)
+            return
+        self.entries = dict(entries)
+
+    def get(self, key: str) -> Optional[KernelConfig]:
+        cfg = self.entries.get(key)
+        return None if cfg is None else KernelConfig.from_dict(cfg)
+
+    def nearest(self, key: str) -> Optional[KernelConfig]:
+        """The entry with the same key but the closest length bucket."""
+        stem, t = key.rsplit("|T", 1)
+        best = None
+        for other, cfg in self.entries.items():
+            o_stem, o_t = other.rsplit("|T", 1)
+            if o_stem == stem:
+                dist = abs(math.log2(int(o_t)) - math.log2(int(t)))
+                if best is None or dist < best[0]:
+                    best = (dist, cfg)
+        return None if best is None else KernelConfig.from_dict(best[1])
+
+    def put(self, key: str, cfg: KernelConfig) -> None:
+        self.entries[key] = cfg.to_dict()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"header": header(self.device_name), "entries": dict(sorted(self.entries.items()))}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+_caches: Dict[str, TuneCache] = {}
+_shipped: Dict[str, TuneCache] = {}
+
+
+def user_cache(device_name: str) -> TuneCache:
+    if device_name not in _caches:
+        _caches[device_name] = TuneCache(device_name,
+                                         cache_dir() / f"{device_slug(device_name)}.json")
+    return _caches[device_name]
+
+
+def shipped_cache(device_name: str) -> TuneCache:
+    if device_name not in _shipped:
+        _shipped[device_name] = TuneCache(device_name, SHIPPED / f"{device_slug(device_name)}.json")
+    return _shipped[device_name]
+
+
+def tuning_allowed() -> bool:
+    """Live tuning: not while tracing, not under CUDA graph capture, not if disabled by
+    NSA_COMPILE_AUTOTUNE=0."""
+    if os.environ.get("NSA_COMPILE_AUTOTUNE", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def pick(device_name: str, kernel: str, key: str, candidates: Callable[[], list],
+         bench: Callable[[KernelConfig], float]) -> KernelConfig:
+    """The block sizes for `key`: cached, shipped, tuned now (when allowed), or nearest/default."""
+    cache, shipped = user_cache(device_name), shipped_cache(device_name)
+    cfg = cache.get(key) or shipped.get(key)
+    if cfg is not None:
+        return cfg
+    if tuning_allowed():
+        cfg = tune(candidates(), bench)
+        if cfg is not None:
+            cache.put(key, cfg)
+            try:
+                cache.save()
+            except OSError as exc:
+                warnings.warn(f"nsa_compile: could not write the autotune cache {cache.path}: "
+                              f"{exc}", RuntimeWarning, stacklevel=2)
+            return cfg
+    return cache.nearest(key) or shipped.nearest(key) or DEFAULTS[kernel]
+
+
+def tune(candidates: list, bench: Callable[[KernelConfig], float]) -> Optional[KernelConfig]:
+    """Times each candidate with `bench` (ms); configs that fail to compile or run are skipped."""
+    best = None
+    for cfg in candidates:
+        try:
+            ms = bench(cfg)
+        except Exception as exc:  # out of resources, compile errors: skip the config
+            log.debug("config %s failed: %s", cfg, exc)
+            continue
+        log.debug("config %s: %.3f ms", cfg, ms)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return None if best is None else best[1]

@@ -1,0 +1,197 @@
+"""Launchers of the Triton NSA forward (templates/nsa_fwd.py) with explicit block sizes, and the
+CUDA kernel of `nsa_compile::nsa_fwd` that picks them from the autotune cache."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ... import autotune
+from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
+from ...templates.nsa_fwd import nsa_cmp_fwd_kernel, nsa_slc_fwd_kernel, nsa_win_fwd_kernel
+from . import naive
+from .params import NSAParams
+
+
+class ForwardResult(NamedTuple):
+    """o: (B, HQ, T, Dv); lse_*: (B, HQ, T) fp32 per branch (None when absent);
+    block_idx: (B, H, T, N_PAD) int32 (None without the selected branch)."""
+
+    o: Tensor
+    lse_cmp: Optional[Tensor]
+    lse_slc: Optional[Tensor]
+    lse_win: Optional[Tensor]
+    block_idx: Optional[Tensor]
+
+
+def _pow2(x: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(x))
+
+
+def supported(params: NSAParams, dk: int, dv: int) -> Optional[str]:
+    """None when the Triton path handles these parameters, else the reason it does not."""
+    if params.needs_cmp:
+        r = params.select_block // params.compress_stride
+        if r & (r - 1):
+            return f"select_block / compress_stride = {r} is not a power of two"
+    if params.has_slc and params.select_block < 16:
+        return f"select_block={params.select_block} < 16"
+    if max(dk, dv) > 256:
+        return f"head dim {max(dk, dv)} > 256"
+    return None
+
+
+@dataclass
+class _Launch:
+    """Everything the three kernels share for one call."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    gates: Optional[Tensor]
+    k_cmp: Optional[Tensor]
+    v_cmp: Optional[Tensor]
+    params: NSAParams
+    o: Tensor
+
+    def __post_init__(self):
+        B, HQ, self.T, DK = self.q.shape
+        self.B, self.H, DV = B, self.k.shape[1], self.v.shape[-1]
+        self.G = HQ // self.H
+        self.fixed = list(self.params.fixed_gates) or [1.0] * self.params.num_branches
+        self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
+                           DV_PAD=_pow2(DV, 16), HAS_GATES=self.gates is not None)
+        gs = self.gates.stride() if self.gates is not None else (0, 0, 0, 0)
+        self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(), *gs,
+                        *self.o.stride())
+        self.n_pad = _pow2(self.params.select_count)
+
+    def lse(self) -> Tensor:
+        return torch.empty(self.B, self.H * self.G, self.T, device=self.q.device,
+                           dtype=torch.float32)
+
+
+def run_cmp(a: _Launch, cfg: KernelConfig):
+    """Compressed branch (+ block selection): returns (lse_cmp, block_idx or None)."""
+    p = a.params
+    g_pad = _pow2(a.G)
+    block_t = max(1, cfg.block_m // g_pad)
+    lse = a.lse()
+    idx = (torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
+           if p.has_slc else lse)
+    vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
+    gs = a.strides[12:16]
+    nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+        a.q, a.k_cmp, vc, a.gates, a.o, lse, idx,
+        *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *gs, *a.o.stride(),
+        a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
+        BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, LP=p.select_block,
+        N=p.select_count, N_PAD=a.n_pad, NJ=max(a.n_pad, 16), S_INIT=p.select_initial,
+        S_LOCAL=p.select_local, HAS_CMP=p.has_cmp, HAS_SLC=p.has_slc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
+    return lse, (idx if p.has_slc else None)
+
+
+def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
+    p = a.params
+    slot = p.gate_slot("selected")
+    lse = a.lse()
+    nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
+        a.q, a.k, a.v, idx, a.gates, a.o, lse, *a.strides, a.T, p.scale, a.fixed[slot],
+        G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
+        SLOT=slot, ACCUMULATE=p.has_cmp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **a.common)
+    return lse
+
+
+def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
+    p = a.params
+    slot = p.gate_slot("window")
+    g_pad = _pow2(a.G)
+    block_t = max(1, cfg.block_m // g_pad)
+    lse = a.lse()
+    nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+        a.q, a.k, a.v, a.gates, a.o, lse, *a.strides, a.T, p.scale, a.fixed[slot],
+        G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window, SLOT=slot,
+        ACCUMULATE=p.has_cmp or p.has_slc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **a.common)
+    return lse
+
+
+def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
+                configs: Optional[Dict[str, KernelConfig]] = None) -> ForwardResult:
+    """Runs the present branches' kernels; shapes as `naive.nsa_attention_ref`, any strides.
+    configs maps "cmp"/"slc"/"win" to block sizes (missing ones: DEFAULTS)."""
+    configs = {**DEFAULTS, **(configs or {})}
+    o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    a = _Launch(q, k, v, gates, k_cmp, v_cmp, params, o)
+    lse_cmp = lse_slc = lse_win = idx = None
+    if params.needs_cmp:
+        lse_cmp, idx = run_cmp(a, configs["cmp"])
+    if params.has_slc:
+        lse_slc = run_slc(a, configs["slc"], idx)
+    if params.has_win:
+        lse_win = run_win(a, configs["win"])
+    return ForwardResult(o, lse_cmp if params.has_cmp else None, lse_slc, lse_win, idx)
+
+
+def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                  k_cmp: Optional[Tensor], v_cmp: Optional[Tensor],
+                  params: NSAParams) -> Dict[str, KernelConfig]:
+    """Block sizes per kernel from the autotune cache, tuning missing entries when allowed."""
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name(q.device)
+    B, HQ, T, DK = q.shape
+    H, DV = k.shape[1], v.shape[-1]
+    nsa = (params.compress_block, params.compress_stride, params.select_block,
+           params.select_count, params.select_initial, params.select_local, params.window)
+    elem = q.element_size()
+    chosen: Dict[str, KernelConfig] = {}
+    scratch = None
+
+    def launch() -> _Launch:
+        nonlocal scratch
+        if scratch is None:
+            o = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
+            scratch = _Launch(q, k, v, gates, k_cmp, v_cmp, params, o)
+        return scratch
+
+    def bench(fn):
+        return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    kinds = [("cmp", params.needs_cmp), ("slc", params.has_slc), ("win", params.has_win)]
+    idx = None
+    for kind, present in kinds:
+        if not present:
+            continue
+        key = autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
+        if kind == "slc" and idx is None:
+            idx = run_cmp(launch(), chosen["cmp"])[1]
+        runner = {"cmp": lambda c: bench(lambda: run_cmp(launch(), c)),
+                  "slc": lambda c: bench(lambda: run_slc(launch(), c, idx)),
+                  "win": lambda c: bench(lambda: run_win(launch(), c))}[kind]
+        chosen[kind] = autotune.pick(
+            name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem), runner)
+    return chosen
+
+
+_warned: set = set()
+
+
+def nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, params: NSAParams) -> Tensor:
+    """CUDA kernel of nsa_compile::nsa_fwd: Triton when supported, else the reference."""
+    reason = supported(params, q.shape[-1], v.shape[-1])
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using the PyTorch "
+                          "reference (slow)", RuntimeWarning, stacklevel=3)
+        return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, params)
+    configs = tuned_configs(q, k, v, gates, k_cmp, v_cmp, params)
+    return nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, configs).o

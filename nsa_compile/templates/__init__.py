@@ -1,0 +1,1 @@
+"""Parametrised Triton kernel templates and their autotune config spaces."""

@@ -1,0 +1,93 @@
+"""Triton helpers shared by the NSA forward templates: GQA row packing, online softmax, top-n keys.
+
+A program owns one KV head and a tile of BLOCK_T query positions; its M = BLOCK_T * G_PAD rows
+are (position, query head) pairs, position-major, so every MMA is fed by the whole GQA group
+(G_PAD is the group size rounded up to a power of two; padded rows are masked).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gqa_rows(t0, h, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Row r of the tile -> (position, query head, valid)."""
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    tok = t0 + r // G_PAD
+    g = r % G_PAD
+    return tok, h * G + g, (tok < T) & (g < G)
+
+
+@triton.jit
+def load_rows(ptr, b, hq, tok, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl.constexpr):
+    """x[b, hq, tok, :] for each row -> (rows, D_PAD); 64-bit offsets."""
+    d = tl.arange(0, D_PAD)
+    off = b.to(tl.int64) * s_b + hq.to(tl.int64)[:, None] * s_h + tok.to(tl.int64)[:, None] * s_t
+    return tl.load(ptr + off + d[None, :] * s_d, mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_keys(ptr, b, h, pos, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl.constexpr):
+    """x[b, h, pos, :] for a vector of key positions -> (len(pos), D_PAD); 64-bit offsets."""
+    d = tl.arange(0, D_PAD)
+    off = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + pos.to(tl.int64)[:, None] * s_t
+    return tl.load(ptr + off + d[None, :] * s_d, mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc, v):
+    """One key tile of flash attention. s: (M, K) masked scores (-inf = hidden), v: (K, Dv).
+    Rows that have seen only hidden keys keep m = -inf, l = 0, acc = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_softmax(m_i, l_i, acc):
+    """-> (normalised output, log-sum-exp); a row with nothing visible gives 0 and lse = +inf."""
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_i), float("inf"))
+    return o, lse
+
+
+@triton.jit
+def gated_store(O, o, b, hq, tok, ok, s_b, s_h, s_t, s_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
+                SLOT: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """O[b, hq, tok] (+)= g * o, with g the learned gate of branch SLOT or the fixed weight."""
+    d = tl.arange(0, DV_PAD)
+    if HAS_GATES:
+        goff = b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h + tok.to(tl.int64) * sg_t + SLOT * sg_c
+        g = tl.load(GATES + goff, mask=ok, other=0.0).to(tl.float32)
+        o = o * g[:, None]
+    else:
+        o = o * gate_fixed
+    off = b.to(tl.int64) * s_b + hq.to(tl.int64)[:, None] * s_h + tok.to(tl.int64)[:, None] * s_t
+    ptrs = O + off + d[None, :] * s_d
+    mask = ok[:, None] & (d[None, :] < DV)
+    if ACCUMULATE:
+        o += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, o.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def monotone_bits(x):
+    """fp32 -> int32 whose signed order is the float order."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def pack_key(score, idx):
+    """(score, block index) -> int64 whose descending order is score desc, then index asc."""
+    return (monotone_bits(score).to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def unpack_index(key):
+    return 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)

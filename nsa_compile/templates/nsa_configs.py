@@ -1,0 +1,58 @@
+"""Config spaces of the NSA forward kernels: tuning as data, pruned by rules, never by GPU name."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """block_m: rows per program (query positions x padded GQA group); block_n: keys (or
+    compressed keys) per inner step; num_warps/num_stages: Triton launch parameters."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def to_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, int]) -> "KernelConfig":
+        return cls(**{k: int(data[k]) for k in ("block_m", "block_n", "num_warps", "num_stages")})
+
+
+SPACES = {
+    # compressed branch + selection: block_n is the pass-1 compressed-key tile
+    "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,)),
+    # selected branch: one position per program, block_m is the padded group; block_n unused
+    "slc": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
+    "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+}
+
+DEFAULTS = {
+    "cmp": KernelConfig(64, 64, 4, 2),
+    "slc": KernelConfig(16, 0, 4, 2),
+    "win": KernelConfig(64, 64, 4, 2),
+}
+
+
+def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: int) -> bool:
+    """Pruning rules: tiles must hold at least one position and fit in ~200 KB of shared
+    memory and the register file; big head dims need smaller tiles."""
+    if kind != "slc" and cfg.block_m < group_pad:
+        return False
+    if kind == "slc":
+        return True
+    smem = cfg.num_stages * cfg.block_n * (dk + dv) * elem + cfg.block_m * dk * elem
+    regs = cfg.block_m * (dk + dv + cfg.block_n) * 4 / (cfg.num_warps * 32)
+    return smem <= 200 * 1024 and regs <= 255
+
+
+def candidates(kind: str, group_pad: int, dk: int, dv: int, elem: int) -> List[KernelConfig]:
+    space = SPACES[kind]
+    out = [KernelConfig(*vals) for vals in itertools.product(
+        space["block_m"], space["block_n"], space["num_warps"], space["num_stages"])]
+    return [c for c in out if _fits(kind, c, group_pad, dk, dv, elem)]

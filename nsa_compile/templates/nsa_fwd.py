@@ -1,0 +1,183 @@
+"""Triton templates of the NSA forward: compressed branch + top-n selection, selected branch,
+sliding window. Launch order: compressed (writes O, or only selects), selected (adds), window
+(adds), so the gated sum is formed in place without a separate combine pass."""
+import triton
+import triton.language as tl
+
+from .nsa_common import (finish_softmax, gated_store, gqa_rows, load_keys, load_rows,
+                         monotone_bits, online_softmax_step, pack_key, unpack_index)
+
+
+@triton.jit
+def nsa_cmp_fwd_kernel(
+        Q, KC, VC, GATES, O, LSE, IDX,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        T, Tc, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, LP: tl.constexpr,
+        N: tl.constexpr, N_PAD: tl.constexpr, NJ: tl.constexpr, S_INIT: tl.constexpr,
+        S_LOCAL: tl.constexpr, HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr,
+        HAS_GATES: tl.constexpr):
+    """Compressed attention and block selection for one (batch, KV head, query tile).
+
+    Pass 1 runs flash attention over the compressed keys (o_cmp, lse). Pass 2 recomputes the
+    probabilities chunk by chunk of NJ selection blocks, sums them over the GQA group, maps
+    them to selection-block importance and merges each chunk into a running top-n held as
+    packed int64 keys — no (T x Tc) matrix leaves the chip.
+    LSE: (B, HQ, T) fp32; IDX: (B, H, T, N_PAD) int32, -1 where fewer blocks exist.
+    """
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    last = t0 + BLOCK_T - 1
+    # Compressed blocks visible to the tile's last query: i*d + l - 1 <= last (<= 0: none).
+    n_vis = (last - L + 1 + STRIDE) // STRIDE
+
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    for c0 in range(0, n_vis, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        s = tl.dot(q, tl.trans(kc)) * scale
+        s = tl.where((c * STRIDE + L - 1)[None, :] <= tok[:, None], s, float("-inf"))
+        if HAS_CMP:
+            vc = load_keys(VC, b, h, c, c < Tc, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, vc)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            m_i = m_new
+    o, lse = finish_softmax(m_i, l_i, acc)
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    if HAS_CMP:
+        gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                    gate_fixed, DV, DV_PAD, HAS_GATES, 0, False)
+
+    if HAS_SLC:
+        R: tl.constexpr = LP // STRIDE          # stride-d chunks per selection block
+        CHUNKS: tl.constexpr = L // STRIDE      # chunks per compressed block
+        BLOCK_C2: tl.constexpr = NJ * R
+        t_tile = t0 + tl.arange(0, BLOCK_T)
+        jj = tl.arange(0, NJ)
+        mm = tl.arange(0, R)
+        # Compressed block j*R + m puts w_in[m] chunks in selection block j, the rest in j + 1.
+        w_in = tl.minimum(CHUNKS, R - mm).to(tl.float32)
+        w_out = CHUNKS - w_in
+        shift = (jj[:, None] == jj[None, :] + 1).to(tl.float32)  # (NJ, NJ): j <- j - 1
+        empty = pack_key(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32),
+                         tl.full([BLOCK_T, N_PAD], 0x7FFFFFFF, tl.int32))
+        top = empty
+        carry = tl.zeros([BLOCK_T], tl.float32)
+        n_sel = last // LP + 1
+        for j0 in range(0, n_sel, NJ):
+            c = j0 * R + tl.arange(0, BLOCK_C2)
+            kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+            s = tl.dot(q, tl.trans(kc)) * scale
+            vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
+            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            pg = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_C2]), axis=1)
+            pr = tl.reshape(pg, [BLOCK_T, NJ, R])
+            a = tl.sum(pr * w_in[None, None, :], axis=2)
+            spill = tl.sum(pr * w_out[None, None, :], axis=2)
+            imp = a + tl.sum(spill[:, None, :] * shift[None, :, :], axis=2)
+            imp += tl.where(jj == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(jj == NJ - 1, spill, 0.0), axis=1)
+            j = j0 + jj
+            started = (j * LP)[None, :] <= t_tile[:, None]
+            own = (t_tile // LP)[:, None]
+            forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
+            imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
+            keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
+            chunk_top = tl.topk(keys, N_PAD)
+            top = tl.topk(tl.reshape(tl.join(top, chunk_top), [BLOCK_T, 2 * N_PAD]), N_PAD)
+        col = tl.arange(0, N_PAD)
+        alive = (top >> 32) > monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
+        idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)
+        off = ((b * H + h).to(tl.int64) * T + t_tile.to(tl.int64))[:, None] * N_PAD + col[None, :]
+        tl.store(IDX + off, idx, mask=(t_tile < T)[:, None])
+
+
+@triton.jit
+def nsa_slc_fwd_kernel(
+        Q, K, V, IDX, GATES, O, LSE,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        T, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
+        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Selected-block attention for one (batch, KV head, query position): the G query heads of
+    the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    idx_base = IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD
+    for s_i in range(N):
+        j = tl.load(idx_base + s_i)
+        if j >= 0:
+            pos = j * LP + tl.arange(0, LP)
+            k = load_keys(K, b, h, pos, pos <= t, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+            v = load_keys(V, b, h, pos, pos <= t, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(pos[None, :] <= t, s, float("-inf"))
+            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+    o, lse = finish_softmax(m_i, l_i, acc)
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE)
+
+
+@triton.jit
+def nsa_win_fwd_kernel(
+        Q, K, V, GATES, O, LSE,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        T, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """Sliding-window (WINDOW == 0: full causal) attention for one (batch, KV head, query
+    tile): keys in (t - window, t]."""
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    hi = t0 + BLOCK_T
+    lo = 0
+    if WINDOW > 0:
+        lo = t0 - WINDOW + 1
+        lo = lo * (lo > 0) // BLOCK_K * BLOCK_K
+    for k0 in range(lo, hi, BLOCK_K):
+        pos = k0 + tl.arange(0, BLOCK_K)
+        k = load_keys(K, b, h, pos, pos < T, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, pos < T, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        s = tl.dot(q, tl.trans(k)) * scale
+        vis = pos[None, :] <= tok[:, None]
+        if WINDOW > 0:
+            vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
+        s = tl.where(vis, s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+    o, lse = finish_softmax(m_i, l_i, acc)
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE)
