@@ -1,5 +1,7 @@
 """nsa_compile: rewrite dense causal attention into Native Sparse Attention (and add Engram)."""
 from .config import EngramConfig, NSAConfig
 from . import ops
+from .modules.engram import Engram
+from .optim import param_groups
 
-__all__ = ["NSAConfig", "EngramConfig", "ops"]
+__all__ = ["NSAConfig", "EngramConfig", "ops", "Engram", "param_groups"]
