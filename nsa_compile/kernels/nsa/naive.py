@@ -50,13 +50,17 @@ def overlap_weights(num_cmp: int, num_sel: int, params: NSAParams,
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the last dim restricted to mask; rows with nothing visible give zeros."""
+    """Softmax over the last dim restricted to mask; rows with nothing visible give zeros.
+
+    Works in place on `scores` (a fresh temporary in every caller): the score tensors are the
+    reference's largest, and each extra copy costs a pass over C × keys elements.
+    """
     if scores.shape[-1] == 0:  # no compressed block yet (T < l): amax would refuse an empty dim
-        return scores.new_zeros(scores.shape)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    peak = scores.detach().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
-    p = torch.exp(scores - peak)
-    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        return scores.zero_()
+    scores.masked_fill_(mask.logical_not(), float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(scores.dtype).min)
+    p = scores.sub_(peak).exp_()
+    return p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(scores.dtype).tiny))
 
 
 def select_blocks(importance: Tensor, t: Tensor, params: NSAParams) -> Tensor:
@@ -90,6 +94,28 @@ def _gqa(x: Tensor, H: int) -> Tensor:
     return x.view(B, H, HQ // H, C, D)
 
 
+# The three products of attention as batched matmuls over (B, H) with the group's G query heads
+# stacked into the rows, so the shared key/value block is read once and nothing large is
+# transposed into a copy (einsum would permute the (G, C, K) probabilities for the last one).
+def _scores(qg: Tensor, keys: Tensor) -> Tensor:
+    """qg (B, H, G, C, D) · keys (B, H, K, D)ᵀ -> (B, H, G, C, K)."""
+    B, H, G, C, D = qg.shape
+    return (qg.reshape(B, H, G * C, D) @ keys.transpose(-1, -2)).view(B, H, G, C, -1)
+
+
+def _attend(probs: Tensor, values: Tensor) -> Tensor:
+    """probs (B, H, G, C, K) · values (B, H, K, D) -> (B, H, G, C, D)."""
+    B, H, G, C, K = probs.shape
+    return (probs.reshape(B, H, G * C, K) @ values).view(B, H, G, C, -1)
+
+
+def _group_sum(probs: Tensor, x: Tensor) -> Tensor:
+    """Σ over the group's heads and queries of probs (B, H, G, C, K) ⊗ x (B, H, G, C, D) ->
+    (B, H, K, D): the key/value gradient shape."""
+    B, H, G, C, K = probs.shape
+    return probs.reshape(B, H, G * C, K).transpose(-1, -2) @ x.reshape(B, H, G * C, -1)
+
+
 class BranchProbs(NamedTuple):
     """One branch's attention of a query chunk: probs (B, H, G, C, K) over keys [lo, hi) of k/v,
     or over the compressed blocks when lo is None."""
@@ -113,13 +139,13 @@ def chunk_probs(q: Tensor, t0: int, k: Tensor, k_cmp: Optional[Tensor], params: 
     end = t0 + C
     dev = q.device
     t = torch.arange(t0, end, device=dev)
-    qg = _gqa(q, H)
+    qg = _gqa(q, H) * params.scale
     out: Dict[str, BranchProbs] = {}
     idx = None
     if params.needs_cmp:
         l, d = params.compress_block, params.compress_stride
         Tc = k_cmp.shape[2]
-        s = torch.einsum("bhgcd,bhnd->bhgcn", qg, k_cmp) * params.scale
+        s = _scores(qg, k_cmp)
         visible = (torch.arange(Tc, device=dev) * d + l - 1)[None, :] <= t[:, None]
         p_cmp = masked_softmax(s, visible)
         if params.has_cmp:
@@ -134,7 +160,7 @@ def chunk_probs(q: Tensor, t0: int, k: Tensor, k_cmp: Optional[Tensor], params: 
         chosen.scatter_(-1, torch.where(idx < 0, Ns, idx), True)
         keys = torch.arange(end, device=dev)
         mask = chosen[..., keys // lp] & (keys[None, :] <= t[:, None])  # (B, H, C, end)
-        s = torch.einsum("bhgcd,bhkd->bhgck", qg, k[:, :, :end]) * params.scale
+        s = _scores(qg, k[:, :, :end])
         out["selected"] = BranchProbs(masked_softmax(s, mask[:, :, None]), 0, end)
     if params.has_win:
         w_len = params.window
@@ -143,7 +169,7 @@ def chunk_probs(q: Tensor, t0: int, k: Tensor, k_cmp: Optional[Tensor], params: 
         mask = keys[None, :] <= t[:, None]
         if w_len:
             mask = mask & (keys[None, :] > t[:, None] - w_len)
-        s = torch.einsum("bhgcd,bhkd->bhgck", qg, k[:, :, lo - k0:end - k0]) * params.scale
+        s = _scores(qg, k[:, :, lo - k0:end - k0])
         out["window"] = BranchProbs(masked_softmax(s, mask), lo - k0, end - k0)
     return out, idx
 
@@ -161,7 +187,7 @@ def chunk_parts(q: Tensor, t0: int, k: Tensor, v: Tensor, k_cmp: Optional[Tensor
     """Branch outputs (B, HQ, C, Dv) by name for the queries t0 … t0+C-1, plus "block_idx"
     (B, H, C, n) when the selected branch runs. Arguments as `chunk_probs`."""
     branches, idx = chunk_probs(q, t0, k, k_cmp, params, k0)
-    out = {name: torch.einsum("bhgck,bhkd->bhgcd", b.probs, _values(b, v, v_cmp)).flatten(1, 2)
+    out = {name: _attend(b.probs, _values(b, v, v_cmp)).flatten(1, 2)
            for name, b in branches.items()}
     if idx is not None:
         out["block_idx"] = idx
@@ -229,7 +255,8 @@ def nsa_attention_backward_ref(
         kc, vc = k32[:, :, lo:t1], v32[:, :, lo:t1]
         branches, _ = chunk_probs(qc, t0, kc, kc32, params, k0=lo)
         for slot, (name, b) in enumerate(branches.items()):
-            o = torch.einsum("bhgck,bhkd->bhgcd", b.probs, _values(b, vc, vc32))
+            vals = _values(b, vc, vc32)
+            o = _attend(b.probs, vals)
             do = go32[:, :, t0:t1]
             if dg is not None:
                 dg[:, :, t0:t1, slot] = (do * o.flatten(1, 2)).sum(-1)
@@ -238,12 +265,10 @@ def nsa_attention_backward_ref(
                 do = do * params.fixed_gates[slot]
             do = _gqa(do, H)
             # Softmax backward: dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O)).
-            ds = b.probs * (torch.einsum("bhgcd,bhkd->bhgck", do, _values(b, vc, vc32))
-                            - (do * o).sum(-1, keepdim=True))
-            dq[:, :, t0:t1] += torch.einsum(
-                "bhgck,bhkd->bhgcd", ds, _keys(b, kc, kc32)).flatten(1, 2) * params.scale
-            dkey = torch.einsum("bhgck,bhgcd->bhkd", ds, _gqa(qc, H)) * params.scale
-            dval = torch.einsum("bhgck,bhgcd->bhkd", b.probs, do)
+            ds = _scores(do, vals).sub_((do * o).sum(-1, keepdim=True)).mul_(b.probs)
+            dq[:, :, t0:t1] += _attend(ds, _keys(b, kc, kc32)).flatten(1, 2) * params.scale
+            dkey = _group_sum(ds, _gqa(qc, H)) * params.scale
+            dval = _group_sum(b.probs, do)
             if b.lo is None:
                 dkc += dkey
                 dvc += dval
