@@ -56,9 +56,11 @@ def engram_lookup_ref(ids: Tensor, canon: Tensor, multipliers: Tensor, primes: T
 
 def engram_table_grad_ref(grad_emb: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """grad_emb: (B, T, K * Dh); rows: (B, T, K). Returns d table (num_rows, Dh) in grad_emb's
-    dtype, accumulated in fp32 (index_add_ on CPU adds in index order: deterministic)."""
+    dtype, accumulated in fp32 (fp64 for fp64); index_add_ on CPU adds in index order, so the
+    result is deterministic there."""
     K = rows.shape[-1]
     dh = grad_emb.shape[-1] // K
-    out = torch.zeros(num_rows, dh, dtype=torch.float32, device=grad_emb.device)
-    out.index_add_(0, rows.reshape(-1), grad_emb.reshape(-1, dh).float())
+    acc = torch.float64 if grad_emb.dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_rows, dh, dtype=acc, device=grad_emb.device)
+    out.index_add_(0, rows.reshape(-1), grad_emb.reshape(-1, dh).to(acc))
     return out.to(grad_emb.dtype)
