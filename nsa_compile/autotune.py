@@ -188,4 +188,8 @@ def tune(candidates: list, bench: Callable[[KernelConfig], float]) -> Optional[K
         log.debug("config %s: %.3f ms", cfg, ms)
         if best is None or ms < best[0]:
             best = (ms, cfg)
-    return None if best is None else best[1]
+    if best is None:
+        warnings.warn(f"nsa_compile: none of {len(candidates)} kernel configs ran; using the "
+                      "default block sizes", RuntimeWarning, stacklevel=3)
+        return None
+    return best[1]

@@ -7,6 +7,9 @@ are (position, query head) pairs, position-major, so every MMA is fed by the who
 import triton
 import triton.language as tl
 
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
 
 @triton.jit
 def gqa_rows(t0, h, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -35,12 +38,13 @@ def load_keys(ptr, b, h, pos, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl
 
 @triton.jit
 def online_softmax_step(s, m_i, l_i, acc, v):
-    """One key tile of flash attention. s: (M, K) masked scores (-inf = hidden), v: (K, Dv).
-    Rows that have seen only hidden keys keep m = -inf, l = 0, acc = 0."""
+    """One key tile of flash attention. s: (M, K) masked scores in log2 units (scale·log2(e)
+    folded in; -inf = hidden), v: (K, Dv). Rows that have seen only hidden keys keep
+    m = -inf, l = 0, acc = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -48,10 +52,12 @@ def online_softmax_step(s, m_i, l_i, acc, v):
 
 @triton.jit
 def finish_softmax(m_i, l_i, acc):
-    """-> (normalised output, log-sum-exp); a row with nothing visible gives 0 and lse = +inf."""
+    """-> (normalised output, natural log-sum-exp); a row with nothing visible gives 0 and
+    lse = +inf."""
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_i), float("inf"))
+    m = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
     return o, lse
 
 

@@ -40,15 +40,16 @@ DEFAULTS = {
 
 
 def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: int) -> bool:
-    """Pruning rules: tiles must hold at least one position and fit in ~200 KB of shared
-    memory and the register file; big head dims need smaller tiles."""
-    if kind != "slc" and cfg.block_m < group_pad:
-        return False
+    """Pruning rules: tiles must hold at least one position, fit in ~200 KB of shared memory,
+    and keep q (elem bytes), the fp32 accumulator and the fp32 scores under ~200 registers
+    per thread."""
     if kind == "slc":
         return True
+    if cfg.block_m < group_pad:
+        return False
     smem = cfg.num_stages * cfg.block_n * (dk + dv) * elem + cfg.block_m * dk * elem
-    regs = cfg.block_m * (dk + dv + cfg.block_n) * 4 / (cfg.num_warps * 32)
-    return smem <= 200 * 1024 and regs <= 255
+    regs = cfg.block_m * (dk * elem + dv * 4 + cfg.block_n * 4) / (cfg.num_warps * 32 * 4)
+    return smem <= 200 * 1024 and regs <= 200
 
 
 def candidates(kind: str, group_pad: int, dk: int, dv: int, elem: int) -> List[KernelConfig]:

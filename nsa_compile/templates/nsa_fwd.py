@@ -4,7 +4,7 @@ sliding window. Launch order: compressed (writes O, or only selects), selected (
 import triton
 import triton.language as tl
 
-from .nsa_common import (finish_softmax, gated_store, gqa_rows, load_keys, load_rows,
+from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, load_keys, load_rows,
                          monotone_bits, online_softmax_step, pack_key, unpack_index)
 
 
@@ -34,6 +34,7 @@ def nsa_cmp_fwd_kernel(
     h = pid_bh % H
     tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
     q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    qk_scale = scale * LOG2E
     last = t0 + BLOCK_T - 1
     # Compressed blocks visible to the tile's last query: i*d + l - 1 <= last (<= 0: none).
     n_vis = (last - L + 1 + STRIDE) // STRIDE
@@ -44,7 +45,7 @@ def nsa_cmp_fwd_kernel(
     for c0 in range(0, n_vis, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        s = tl.dot(q, tl.trans(kc)) * scale
+        s = tl.dot(q, tl.trans(kc)) * qk_scale
         s = tl.where((c * STRIDE + L - 1)[None, :] <= tok[:, None], s, float("-inf"))
         if HAS_CMP:
             vc = load_keys(VC, b, h, c, c < Tc, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
@@ -52,7 +53,7 @@ def nsa_cmp_fwd_kernel(
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
             m_i = m_new
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
@@ -65,6 +66,7 @@ def nsa_cmp_fwd_kernel(
         CHUNKS: tl.constexpr = L // STRIDE      # chunks per compressed block
         BLOCK_C2: tl.constexpr = NJ * R
         t_tile = t0 + tl.arange(0, BLOCK_T)
+        lse2 = lse * LOG2E
         jj = tl.arange(0, NJ)
         mm = tl.arange(0, R)
         # Compressed block j*R + m puts w_in[m] chunks in selection block j, the rest in j + 1.
@@ -79,9 +81,9 @@ def nsa_cmp_fwd_kernel(
         for j0 in range(0, n_sel, NJ):
             c = j0 * R + tl.arange(0, BLOCK_C2)
             kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-            s = tl.dot(q, tl.trans(kc)) * scale
+            s = tl.dot(q, tl.trans(kc)) * qk_scale
             vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
             pg = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_C2]), axis=1)
             pr = tl.reshape(pg, [BLOCK_T, NJ, R])
             a = tl.sum(pr * w_in[None, None, :], axis=2)
@@ -122,19 +124,23 @@ def nsa_slc_fwd_kernel(
     h = pid_bh % H
     tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
     q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    qk_scale = scale * LOG2E
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-    idx_base = IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD
+    # All n indices in one load; a slot with no block (-1) is a fully masked tile, so the loop
+    # has no branch and Triton can pipeline the K/V loads.
+    slots = tl.arange(0, N_PAD)
+    blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
     for s_i in range(N):
-        j = tl.load(idx_base + s_i)
-        if j >= 0:
-            pos = j * LP + tl.arange(0, LP)
-            k = load_keys(K, b, h, pos, pos <= t, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-            v = load_keys(V, b, h, pos, pos <= t, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(pos[None, :] <= t, s, float("-inf"))
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+        j = tl.sum(tl.where(slots == s_i, blocks, 0))
+        pos = j * LP + tl.arange(0, LP)
+        live = (pos <= t) & (j >= 0)
+        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
     gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
@@ -162,6 +168,7 @@ def nsa_win_fwd_kernel(
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    qk_scale = scale * LOG2E
     hi = t0 + BLOCK_T
     lo = 0
     if WINDOW > 0:
@@ -171,7 +178,7 @@ def nsa_win_fwd_kernel(
         pos = k0 + tl.arange(0, BLOCK_K)
         k = load_keys(K, b, h, pos, pos < T, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
         v = load_keys(V, b, h, pos, pos < T, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = pos[None, :] <= tok[:, None]
         if WINDOW > 0:
             vis = vis & (pos[None, :] > tok[:, None] - WINDOW)

@@ -1,0 +1,70 @@
+"""Where the NSA forward's time goes: each Triton kernel timed alone, over its config space.
+
+Run on a GPU: python benchmarks/profile_nsa.py [--ts 65536] — prints, per group size and
+length, each kernel's best and default time and the best config. The compressed kernel is
+timed twice: with selection (pass 1 + pass 2) and without (pass 1 only).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+from nsa_compile import NSAConfig
+from nsa_compile.kernels.nsa import naive
+from nsa_compile.kernels.nsa.params import NSAParams
+from nsa_compile.kernels.nsa.triton_fwd import _Launch, run_cmp, run_slc, run_win
+from nsa_compile.templates.nsa_configs import DEFAULTS, candidates
+
+D = 128
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ts", default="65536")
+    ap.add_argument("--groups", default="64/4,32/8")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name())
+    for grp in args.groups.split(","):
+        HQ, H = map(int, grp.split("/"))
+        for T in map(int, args.ts.split(",")):
+            q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+            g = torch.rand(1, HQ, T, 3, device="cuda", dtype=torch.bfloat16)
+            kc, vc = naive.mean_pool(k, 32, 16), naive.mean_pool(v, 32, 16)
+            p = NSAParams.from_config(NSAConfig(), D ** -0.5)
+            o = torch.empty_like(q)
+            full = _Launch(q, k, v, g, kc, vc, p, o)
+            nosel = _Launch(q, k, v, g[..., [0, 2]].contiguous(), kc, vc,
+                            p._replace(has_slc=False), o)
+            idx = run_cmp(full, DEFAULTS["cmp"])[1]
+            jobs = {
+                "cmp+select": ("cmp", lambda c: run_cmp(full, c)),
+                "cmp pass1": ("cmp", lambda c: run_cmp(nosel, c)),
+                "slc": ("slc", lambda c: run_slc(full, c, idx)),
+                "win": ("win", lambda c: run_win(full, c)),
+            }
+            total = 0.0
+            for name, (kind, fn) in jobs.items():
+                res = []
+                for cfg in candidates(kind, HQ // H if HQ // H > 1 else 1, D, D, 2):
+                    try:
+                        res.append((do_bench(lambda: fn(cfg), warmup=5, rep=30,
+                                             return_mode="median"), cfg))
+                    except Exception as exc:  # report and go on
+                        print(f"  {name} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                best = min(res, key=lambda r: r[0])
+                dflt = do_bench(lambda: fn(DEFAULTS[kind]), warmup=5, rep=30, return_mode="median")
+                if name != "cmp pass1":
+                    total += best[0]
+                print(f"HQ/H={HQ}/{H} T={T} {name:11s} best {best[0]:8.3f} ms  default "
+                      f"{dflt:8.3f} ms  {best[1]}", flush=True)
+            print(f"HQ/H={HQ}/{H} T={T} sum of best kernels {total:.3f} ms", flush=True)
+            del q, k, v, g, kc, vc, o, idx
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
