@@ -72,7 +72,7 @@ def main() -> None:
           f"vocab={args.vocab}, table {args.dtype}; times in ms (median, triton do_bench)")
     print()
     head = (f"{'T':>7} | {'fwd triton':>10} {'GB/s':>6} | {'fwd eager':>9} | {'fwd compiled':>12} | "
-            f"{'bwd triton':>10} {'GB/s':>6} | {'bwd eager':>9} | match")
+            f"{'bwd triton':>10} {'GB/s':>6} {'(sort)':>6} | {'bwd eager':>9} | match")
     print(head)
     print("-" * len(head))
     for T in args.tokens:
@@ -91,13 +91,14 @@ def main() -> None:
         t_ref = do_bench(lambda: ref_fwd(ids))
         t_cmp = do_bench(lambda: compiled_fwd(ids)) if compiled_fwd else float("nan")
         t_bwd = do_bench(lambda: engram_table_grad(grad, rows, R))
+        t_sort = do_bench(lambda: torch.sort(rows.reshape(-1).to(torch.int32), stable=True))
         t_bref = do_bench(lambda: naive.engram_table_grad_ref(grad, rows_ref, R))
 
         n = T * K
         fwd_bytes = 2 * n * dh * es + n * 8 + T * 8 * (1 + max(orders))
         bwd_bytes = 2 * R * dh * es + n * dh * es + n * 8 * 5
         print(f"{T:>7} | {t_fwd:>10.3f} {fwd_bytes / t_fwd / 1e6:>6.0f} | {t_ref:>9.3f} | "
-              f"{t_cmp:>12.3f} | {t_bwd:>10.3f} {bwd_bytes / t_bwd / 1e6:>6.0f} | "
+              f"{t_cmp:>12.3f} | {t_bwd:>10.3f} {bwd_bytes / t_bwd / 1e6:>6.0f} {t_sort:>6.3f} | "
               f"{t_bref:>9.3f} | {'yes' if ok else 'NO'}")
 
 

@@ -167,6 +167,15 @@ class EngramConfig:
                 raise ValueError(f"EngramConfig.{name} must be a positive int, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"EngramConfig.seed must be an int, got {self.seed!r}")
+        tok = self.tokenizer
+        if isinstance(tok, (list, tuple)):
+            if not all(isinstance(t, str) for t in tok):
+                raise ValueError("EngramConfig.tokenizer: a list must hold one string per token id")
+        elif tok is not None and not (hasattr(tok, "decode") and (
+                hasattr(tok, "convert_ids_to_tokens") or hasattr(tok, "decode_batch"))):
+            raise ValueError(f"EngramConfig.tokenizer must be a Hugging Face tokenizer, a "
+                             f"tokenizers.Tokenizer, a list of token strings or None, got "
+                             f"{type(tok).__name__}")
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tokenizer"}

@@ -186,3 +186,10 @@ def test_engram_with_tokenizer_hashes_case_variants_alike():
     a = torch.tensor([hf.encode("Hello world the end")])
     b = torch.tensor([hf.encode("HELLO world THE end")])
     assert not torch.equal(a, b) and torch.equal(e.hash(a), e.hash(b))
+
+
+def test_config_rejects_bad_tokenizer():
+    with pytest.raises(ValueError, match="EngramConfig.tokenizer"):
+        EngramConfig(tokenizer=[1, 2])
+    with pytest.raises(ValueError, match="EngramConfig.tokenizer"):
+        EngramConfig(tokenizer=object())

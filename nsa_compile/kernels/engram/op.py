@@ -34,7 +34,10 @@ def _engram_fwd_fake(ids, canon, multipliers, primes, offsets, pad_id, table, or
 
 @engram_fwd.register_kernel("cuda")
 def _engram_fwd_cuda(ids, canon, multipliers, primes, offsets, pad_id, table, orders, heads):
-    from .triton_lookup import engram_lookup
+    from .triton_lookup import engram_lookup, supported
+    if not supported(orders):
+        return naive.engram_lookup_ref(ids, canon, multipliers, primes, offsets, pad_id, table,
+                                       orders, heads)
     return engram_lookup(ids, canon, multipliers, primes, offsets, pad_id, table, orders, heads)
 
 

@@ -1,9 +1,10 @@
 """Triton Engram lookup: hashing fused with the row gather, and a deterministic table gradient.
 
-Forward: one program per `block_t` tokens computes every order's suffix hash incrementally
+Forward: one program per tile of tokens computes every order's suffix hash incrementally
 (order n's hash is order n-1's XOR one more term), reduces it modulo each head's prime and
-copies the K rows into the concatenated embedding; the canonical ids are read from the map
-once per (token, j) and the table rows once per (token, head). Backward: the flat row indices
+copies a (tokens, K, head_dim) tile of table rows into the concatenated embedding, so each
+token's K rows are written contiguously; the canonical ids are read once per (token, j) and
+the table rows once per (token, head). Backward: the flat row indices
 are sorted (stable), and each segment of equal rows is summed in that order by one lane, so
 the table gradient is bitwise reproducible (no float atomics) and equals the reference's
 in-order fp32 sum.
@@ -24,44 +25,55 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class EngramKernelConfig:
-    """block_t: tokens per forward program; block_n: sorted entries per backward program."""
+    """tile: elements (tokens x rows x head_dim, padded) one forward program copies;
+    block_n: sorted entries per backward program."""
 
-    block_t: int = 64
+    tile: int = 8192
     block_n: int = 64
     num_warps: int = 4
 
 
 DEFAULT = EngramKernelConfig()
+# Order n's slot in `orders` sits in 4 bits of a constexpr code (15 = n is not an order).
+_NO_SLOT = 15
+MAX_ORDER = 14
 
 
 @triton.jit
-def _engram_fwd_kernel(ids_ptr, canon_ptr, mult_ptr, primes_ptr, offsets_ptr, pad_ptr, slot_ptr,
+def _engram_fwd_kernel(ids_ptr, canon_ptr, mult_ptr, primes_ptr, offsets_ptr, pad_ptr,
                        table_ptr, emb_ptr, rows_ptr, N, T, V, DH,
-                       MAX_ORDER: tl.constexpr, ORDER_MASK: tl.constexpr, HEADS: tl.constexpr,
-                       K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                       MAX_N: tl.constexpr, SLOT_CODE: tl.constexpr, HEADS: tl.constexpr,
+                       K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
     t = tok % T
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < DH
+    c = tl.arange(0, K_PAD)
+    cmask = c < K
+    col_slot = c // HEADS
     pad = tl.load(pad_ptr).to(tl.int64)
     h = tl.zeros([BLOCK_T], dtype=tl.int64)
-    for j in tl.static_range(MAX_ORDER):
+    hashes = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
+    for j in tl.static_range(MAX_N):
         valid = tmask & (t >= j)
         x = tl.load(ids_ptr + tok - j, mask=valid, other=0).to(tl.int64)
         x = tl.minimum(tl.maximum(x, 0), V - 1)
-        y = tl.load(canon_ptr + x, mask=valid, other=0)
-        y = tl.where(valid, y, pad)
+        y = tl.where(valid, tl.load(canon_ptr + x, mask=valid, other=0), pad)
         h = h ^ (y * tl.load(mult_ptr + j))
-        if (ORDER_MASK >> (j + 1)) & 1:
-            slot = tl.load(slot_ptr + j + 1)
-            for k in tl.static_range(HEADS):
-                col = slot * HEADS + k
-                row = h % tl.load(primes_ptr + col) + tl.load(offsets_ptr + col)
-                tl.store(rows_ptr + tok * K + col, row, mask=tmask)
-                m2 = tmask[:, None] & dmask[None, :]
-                vals = tl.load(table_ptr + row[:, None] * DH + d[None, :], mask=m2)
-                tl.store(emb_ptr + (tok * K + col)[:, None] * DH + d[None, :], vals, mask=m2)
+        slot: tl.constexpr = (SLOT_CODE >> (4 * (j + 1))) & 15
+        if slot != 15:
+            hashes = tl.where(col_slot[None, :] == slot, h[:, None], hashes)
+    p = tl.load(primes_ptr + c, mask=cmask, other=1)
+    off = tl.load(offsets_ptr + c, mask=cmask, other=0)
+    rows = hashes % p[None, :] + off[None, :]
+    m2 = tmask[:, None] & cmask[None, :]
+    flat = tok[:, None] * K + c[None, :]
+    tl.store(rows_ptr + flat, rows, mask=m2)
+    d = tl.arange(0, BLOCK_D)
+    m3 = m2[:, :, None] & (d < DH)[None, None, :]
+    # one (BLOCK_T, K, Dh) tile: each token's K rows land contiguously in emb
+    vals = tl.load(table_ptr + rows[:, :, None] * DH + d[None, None, :], mask=m3)
+    tl.store(emb_ptr + flat[:, :, None] * DH + d[None, None, :], vals, mask=m3)
 
 
 @triton.jit
@@ -69,8 +81,8 @@ def _engram_bwd_kernel(sorted_ptr, perm_ptr, grad_ptr, out_ptr, N, DH,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     imask = i < N
-    r = tl.load(sorted_ptr + i, mask=imask, other=-1)
-    prev = tl.load(sorted_ptr + i - 1, mask=imask & (i > 0), other=-1)
+    r = tl.load(sorted_ptr + i, mask=imask, other=-1).to(tl.int64)
+    prev = tl.load(sorted_ptr + i - 1, mask=imask & (i > 0), other=-1).to(tl.int64)
     head = imask & (r != prev)
     d = tl.arange(0, BLOCK_D)
     dmask = d < DH
@@ -90,13 +102,15 @@ def _engram_bwd_kernel(sorted_ptr, perm_ptr, grad_ptr, out_ptr, N, DH,
              mask=head[:, None] & dmask[None, :])
 
 
-def _slots(orders: Sequence[int], device) -> Tuple[Tensor, int]:
-    slot = [-1] * (max(orders) + 1)
-    mask = 0
+def _slot_code(orders: Sequence[int]) -> int:
+    code = sum(_NO_SLOT << (4 * n) for n in range(max(orders) + 1))
     for i, n in enumerate(orders):
-        slot[n] = i
-        mask |= 1 << n
-    return torch.tensor(slot, dtype=torch.int64, device=device), mask
+        code ^= (_NO_SLOT ^ i) << (4 * n)
+    return code
+
+
+def supported(orders: Sequence[int]) -> bool:
+    return max(orders) <= MAX_ORDER and len(orders) < _NO_SLOT
 
 
 def engram_lookup(ids: Tensor, canon: Tensor, multipliers: Tensor, primes: Tensor,
@@ -114,13 +128,14 @@ def engram_lookup(ids: Tensor, canon: Tensor, multipliers: Tensor, primes: Tenso
     N = B * T
     if N == 0:
         return emb, rows
-    slot, mask = _slots(orders, ids.device)
-    grid = (triton.cdiv(N, cfg.block_t),)
+    k_pad, block_d = triton.next_power_of_2(K), triton.next_power_of_2(dh)
+    block_t = max(1, triton.next_power_of_2(cfg.tile // (k_pad * block_d) + 1) // 2)
+    grid = (triton.cdiv(N, block_t),)
     _engram_fwd_kernel[grid](
         ids, canon.contiguous(), multipliers.contiguous(), primes.contiguous(),
-        offsets.contiguous(), pad_id, slot, table, emb, rows, N, T, canon.shape[0], dh,
-        MAX_ORDER=max(orders), ORDER_MASK=mask, HEADS=heads, K=K, BLOCK_T=cfg.block_t,
-        BLOCK_D=triton.next_power_of_2(dh), num_warps=cfg.num_warps)
+        offsets.contiguous(), pad_id, table, emb, rows, N, T, canon.shape[0], dh,
+        MAX_N=max(orders), SLOT_CODE=_slot_code(orders), HEADS=heads, K=K, K_PAD=k_pad,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=cfg.num_warps)
     return emb, rows
 
 
@@ -135,7 +150,9 @@ def engram_table_grad(grad_emb: Tensor, rows: Tensor, num_rows: int,
     N = flat.numel()
     if N == 0:
         return out
-    sorted_rows, perm = torch.sort(flat, stable=True)
+    # 32-bit keys halve the radix sort's passes; the table never has 2**31 rows in practice
+    keys = flat.to(torch.int32) if num_rows < 2 ** 31 else flat
+    sorted_rows, perm = torch.sort(keys, stable=True)
     grid = (triton.cdiv(N, cfg.block_n),)
     _engram_bwd_kernel[grid](sorted_rows, perm, grad_emb.contiguous(), out, N, dh,
                              BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(dh),
