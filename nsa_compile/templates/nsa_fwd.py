@@ -65,40 +65,43 @@ def nsa_cmp_fwd_kernel(
         R: tl.constexpr = LP // STRIDE          # stride-d chunks per selection block
         CHUNKS: tl.constexpr = L // STRIDE      # chunks per compressed block
         BLOCK_C2: tl.constexpr = NJ * R
-        t_tile = t0 + tl.arange(0, BLOCK_T)
         lse2 = lse * LOG2E
+        t_tile = t0 + tl.arange(0, BLOCK_T)
         jj = tl.arange(0, NJ)
-        mm = tl.arange(0, R)
-        # Compressed block j*R + m puts w_in[m] chunks in selection block j, the rest in j + 1.
-        w_in = tl.minimum(CHUNKS, R - mm).to(tl.float32)
-        w_out = CHUNKS - w_in
-        shift = (jj[:, None] == jj[None, :] + 1).to(tl.float32)  # (NJ, NJ): j <- j - 1
-        empty = pack_key(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32),
-                         tl.full([BLOCK_T, N_PAD], 0x7FFFFFFF, tl.int32))
-        top = empty
+        ii = tl.arange(0, BLOCK_C2)
+        # w[i, j]: chunks of compressed block i (chunks i … i+CHUNKS-1) inside selection block
+        # j (chunks jR … jR+R-1), relative to the current chunk; w_next: the same for block NJ,
+        # which belongs to the next chunk and is carried over.
+        lo = tl.maximum(ii[:, None], (jj * R)[None, :])
+        hi = tl.minimum(ii[:, None] + CHUNKS, (jj * R + R)[None, :])
+        w = tl.maximum(hi - lo, 0).to(tl.float32)
+        w_next = tl.maximum(tl.minimum(ii + CHUNKS, NJ * R + R) - tl.maximum(ii, NJ * R), 0)
+        w_next = w_next.to(tl.float32)
+        top = pack_key(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32),
+                       tl.full([BLOCK_T, N_PAD], 0x7FFFFFFF, tl.int32))
         carry = tl.zeros([BLOCK_T], tl.float32)
         n_sel = last // LP + 1
         for j0 in range(0, n_sel, NJ):
-            c = j0 * R + tl.arange(0, BLOCK_C2)
+            c = j0 * R + ii
             kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
             s = tl.dot(q, tl.trans(kc)) * qk_scale
             vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            pg = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_C2]), axis=1)
-            pr = tl.reshape(pg, [BLOCK_T, NJ, R])
-            a = tl.sum(pr * w_in[None, None, :], axis=2)
-            spill = tl.sum(pr * w_out[None, None, :], axis=2)
-            imp = a + tl.sum(spill[:, None, :] * shift[None, :, :], axis=2)
+            # Block importance per row with one small MMA, then the sum over the GQA group.
+            imp_rows = tl.dot(p, w, input_precision="ieee")
+            imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
             imp += tl.where(jj == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.where(jj == NJ - 1, spill, 0.0), axis=1)
+            carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),
+                           axis=1)
             j = j0 + jj
             started = (j * LP)[None, :] <= t_tile[:, None]
             own = (t_tile // LP)[:, None]
             forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
             imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
             keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
-            chunk_top = tl.topk(keys, N_PAD)
-            top = tl.topk(tl.reshape(tl.join(top, chunk_top), [BLOCK_T, 2 * N_PAD]), N_PAD)
+            if NJ > N_PAD:
+                keys = tl.topk(keys, N_PAD)
+            top = tl.topk(tl.reshape(tl.join(top, keys), [BLOCK_T, 2 * N_PAD]), N_PAD)
         col = tl.arange(0, N_PAD)
         alive = (top >> 32) > monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
         idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)
