@@ -17,8 +17,8 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
 from .find import (Call, Finding, SitePlan, _as_keep, canonical_qkv, find_manual_calls,
-                   find_sdpa_calls, is_scalar_like, matches, module_dropout, number_calls,
-                   pattern, repeated, to4d)
+                   find_sdpa_calls, is_scalar_like, keys_seen, matches, module_dropout,
+                   number_calls, pattern, repeated, to4d)
 from .graph import REPEAT_OPS, GraphValues, ancestors, in_call, tensor_val, user_input_deps
 
 log = logging.getLogger("nsa_compile")
@@ -160,6 +160,14 @@ def _mask_values(call: Call, ctx: Context, overrides: Dict[str, Any]) -> Dict[fx
     return ctx.gv.evaluate(nodes, overrides) if overrides else ctx.values
 
 
+def _padding_readable(keep: torch.Tensor, kp: Optional[torch.Tensor]) -> bool:
+    """The rewrite reads the real keys back from the mask at run time (`keys_seen`): that must
+    give the padding the mask encodes (all keys when there is none)."""
+    seen = keys_seen(keep)
+    want = torch.ones_like(seen) if kp is None else kp.to(seen.device)
+    return seen.shape[-1] == want.shape[-1] and bool((seen.expand_as(want) == want).all())
+
+
 def rule_mask_values(call: Call, ctx: Context) -> Optional[MaskVerdict]:
     """A mask tensor built by the model: Hugging Face's boolean (SDPA) and additive finfo.min
     (eager) masks from masking_utils, nanoGPT's `tril` buffer with masked_fill(-inf), Mistral's
@@ -176,6 +184,8 @@ def rule_mask_values(call: Call, ctx: Context) -> Optional[MaskVerdict]:
         x = ctx.gv.user_inputs[name].bool()
         kp = x if kp is None else kp & x
     kind, window = pattern(keep, T, kp)
+    if kind in ("causal", "window") and not _padding_readable(keep, kp):
+        kind = "arbitrary"
     if kind == "bidirectional":
         return MaskVerdict("skip", "bidirectional attention (the mask lets every token see every "
                                    "other): NSA is causal")
@@ -190,7 +200,7 @@ def rule_mask_values(call: Call, ctx: Context) -> Optional[MaskVerdict]:
             if other_name != name:
                 kp2 = kp2 & ctx.gv.user_inputs[other_name].bool()
         keep2, why = _keep(call, ctx, _mask_values(call, ctx, {name: pert}))
-        if why or not matches(keep2, T, kp2, window):
+        if why or not matches(keep2, T, kp2, window) or not _padding_readable(keep2, kp2):
             return MaskVerdict("skip", f"the mask reads input {name!r} in a way that is not "
                                        "causal key padding: NSA cannot reproduce it")
     for name in other:

@@ -397,6 +397,18 @@ def to4d(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def keys_seen(keep: torch.Tensor) -> torch.Tensor:
+    """keep (B|1, H|1, Tq, Tk) bool -> (B|1, Tk): the keys some query row sees, i.e. the real
+    (non-padding) keys of a causal ∧ key-padding mask. Queries are the last Tq positions; a row
+    that sees a future key (a fully masked row that a mask function re-opened, as transformers'
+    unmask-unattended fix does) says nothing about padding and is ignored."""
+    Tq, Tk = keep.shape[-2:]
+    q_pos = torch.arange(Tq, device=keep.device) + (Tk - Tq)
+    future = torch.arange(Tk, device=keep.device)[None, :] > q_pos[:, None]
+    sane = ~(keep & future).any(dim=-1, keepdim=True)
+    return (keep & sane).any(dim=-2)[:, 0]
+
+
 def repeated(x: torch.Tensor, H: int, G: int, layout: str) -> bool:
     """x (B, H*G, T, D) holds G copies of H heads in the given layout."""
     y = x.unflatten(1, (H, G) if layout == "interleave" else (G, H))

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import NSAConfig
 from ..modules.nsa_attention import NSAAttention
-from .find import NEG_LARGE, SitePlan, einsum_pv_perms, einsum_qk_perms, to4d
+from .find import NEG_LARGE, SitePlan, einsum_pv_perms, einsum_qk_perms, keys_seen, to4d
 from .graph import runtime_family
 
 PLAN_ATTR = "_nsa_plan"
@@ -49,7 +49,7 @@ def key_padding(masks: List[Tuple[Tensor, str]], batch: int, keys: int) -> Optio
             keep = mask.bool()
         else:
             keep = mask > NEG_LARGE
-        keep = to4d(keep).any(dim=-2)[:, 0]  # (B|1, Tk|1): a key is real if any query sees it
+        keep = keys_seen(to4d(keep))  # (B|1, Tk)
         kp = keep if kp is None else kp & keep
     return None if kp is None else kp.expand(batch, keys)
 

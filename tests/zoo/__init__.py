@@ -1,0 +1,1 @@
+"""Tiny third-party-shaped models for the pass tests."""
