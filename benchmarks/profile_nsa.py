@@ -1,8 +1,7 @@
 """Where the NSA forward's time goes: each Triton kernel timed alone, over its config space.
 
 Run on a GPU: python benchmarks/profile_nsa.py [--ts 65536] — prints, per group size and
-length, each kernel's best and default time and the best config. The compressed kernel is
-timed twice: with selection (pass 1 + pass 2) and without (pass 1 only).
+length, each kernel's best and default time and the best config.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from triton.testing import do_bench
 from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
 from nsa_compile.kernels.nsa.params import NSAParams
-from nsa_compile.kernels.nsa.triton_fwd import _Launch, run_cmp, run_slc, run_win
+from nsa_compile.kernels.nsa.triton_fwd import _Launch, run_cmp, run_sel, run_slc, run_win
 from nsa_compile.templates.nsa_configs import DEFAULTS, candidates
 
 D = 128
@@ -37,12 +36,11 @@ def main():
             p = NSAParams.from_config(NSAConfig(), D ** -0.5)
             o = torch.empty_like(q)
             full = _Launch(q, k, v, g, kc, vc, p, o)
-            nosel = _Launch(q, k, v, g[..., [0, 2]].contiguous(), kc, vc,
-                            p._replace(has_slc=False), o)
-            idx = run_cmp(full, DEFAULTS["cmp"])[1]
+            lse = run_cmp(full, DEFAULTS["cmp"])
+            idx = run_sel(full, DEFAULTS["sel"], lse)
             jobs = {
-                "cmp+select": ("cmp", lambda c: run_cmp(full, c)),
-                "cmp pass1": ("cmp", lambda c: run_cmp(nosel, c)),
+                "cmp": ("cmp", lambda c: run_cmp(full, c)),
+                "sel": ("sel", lambda c: run_sel(full, c, lse)),
                 "slc": ("slc", lambda c: run_slc(full, c, idx)),
                 "win": ("win", lambda c: run_win(full, c)),
             }
@@ -57,12 +55,11 @@ def main():
                         print(f"  {name} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
                 best = min(res, key=lambda r: r[0])
                 dflt = do_bench(lambda: fn(DEFAULTS[kind]), warmup=5, rep=30, return_mode="median")
-                if name != "cmp pass1":
-                    total += best[0]
+                total += best[0]
                 print(f"HQ/H={HQ}/{H} T={T} {name:11s} best {best[0]:8.3f} ms  default "
                       f"{dflt:8.3f} ms  {best[1]}", flush=True)
             print(f"HQ/H={HQ}/{H} T={T} sum of best kernels {total:.3f} ms", flush=True)
-            del q, k, v, g, kc, vc, o, idx
+            del q, k, v, g, kc, vc, o, lse, idx
             torch.cuda.empty_cache()
 
 

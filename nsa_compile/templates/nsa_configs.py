@@ -25,8 +25,10 @@ class KernelConfig:
 
 
 SPACES = {
-    # compressed branch + selection: block_n is the pass-1 compressed-key tile
+    # compressed branch: block_n is the compressed-key tile
     "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,)),
+    # top-n selection: block_n is the number of selection blocks scored per step (NJ)
+    "sel": dict(block_m=(64, 128, 256), block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2)),
     # selected branch: one position per program, block_m is the padded group; block_n unused
     "slc": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
@@ -34,6 +36,7 @@ SPACES = {
 
 DEFAULTS = {
     "cmp": KernelConfig(64, 64, 4, 2),
+    "sel": KernelConfig(64, 16, 4, 2),
     "slc": KernelConfig(16, 0, 4, 2),
     "win": KernelConfig(64, 64, 4, 2),
 }
@@ -47,8 +50,14 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
         return True
     if cfg.block_m < group_pad:
         return False
+    threads_bytes = cfg.num_warps * 32 * 4
+    if kind == "sel":
+        # block_n selection blocks = block_n * l'/d compressed keys (4 per block by default)
+        keys = cfg.block_n * 4
+        regs = cfg.block_m * (dk * elem + keys * 4 * 2) / threads_bytes
+        return regs <= 200 and cfg.num_stages * keys * dk * elem <= 200 * 1024
     smem = cfg.num_stages * cfg.block_n * (dk + dv) * elem + cfg.block_m * dk * elem
-    regs = cfg.block_m * (dk * elem + dv * 4 + cfg.block_n * 4) / (cfg.num_warps * 32 * 4)
+    regs = cfg.block_m * (dk * elem + dv * 4 + cfg.block_n * 4) / threads_bytes
     return smem <= 200 * 1024 and regs <= 200
 
 

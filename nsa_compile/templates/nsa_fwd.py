@@ -1,6 +1,7 @@
-"""Triton templates of the NSA forward: compressed branch + top-n selection, selected branch,
-sliding window. Launch order: compressed (writes O, or only selects), selected (adds), window
-(adds), so the gated sum is formed in place without a separate combine pass."""
+"""Triton templates of the NSA forward: compressed branch, top-n block selection, selected
+branch, sliding window. Launch order: compressed (writes O and the lse), selection (reads the
+lse), selected (adds to O), window (adds to O), so the gated sum is formed in place without a
+separate combine pass."""
 import triton
 import triton.language as tl
 
@@ -10,23 +11,17 @@ from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, load_keys
 
 @triton.jit
 def nsa_cmp_fwd_kernel(
-        Q, KC, VC, GATES, O, LSE, IDX,
+        Q, KC, VC, GATES, O, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, Tc, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, LP: tl.constexpr,
-        N: tl.constexpr, N_PAD: tl.constexpr, NJ: tl.constexpr, S_INIT: tl.constexpr,
-        S_LOCAL: tl.constexpr, HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr,
+        DV_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, HAS_CMP: tl.constexpr,
         HAS_GATES: tl.constexpr):
-    """Compressed attention and block selection for one (batch, KV head, query tile).
-
-    Pass 1 runs flash attention over the compressed keys (o_cmp, lse). Pass 2 recomputes the
-    probabilities chunk by chunk of NJ selection blocks, sums them over the GQA group, maps
-    them to selection-block importance and merges each chunk into a running top-n held as
-    packed int64 keys — no (T x Tc) matrix leaves the chip.
-    LSE: (B, HQ, T) fp32; IDX: (B, H, T, N_PAD) int32, -1 where fewer blocks exist.
+    """Flash attention over the compressed keys for one (batch, KV head, query tile): writes
+    the gated o_cmp (when the branch is present) and the lse that selection needs.
+    LSE: (B, HQ, T) fp32, +inf where no compressed block is visible yet.
     """
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
@@ -61,52 +56,76 @@ def nsa_cmp_fwd_kernel(
         gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
                     gate_fixed, DV, DV_PAD, HAS_GATES, 0, False)
 
-    if HAS_SLC:
-        R: tl.constexpr = LP // STRIDE          # stride-d chunks per selection block
-        CHUNKS: tl.constexpr = L // STRIDE      # chunks per compressed block
-        BLOCK_C2: tl.constexpr = NJ * R
-        lse2 = lse * LOG2E
-        t_tile = t0 + tl.arange(0, BLOCK_T)
-        jj = tl.arange(0, NJ)
-        ii = tl.arange(0, BLOCK_C2)
-        # w[i, j]: chunks of compressed block i (chunks i … i+CHUNKS-1) inside selection block
-        # j (chunks jR … jR+R-1), relative to the current chunk; w_next: the same for block NJ,
-        # which belongs to the next chunk and is carried over.
-        lo = tl.maximum(ii[:, None], (jj * R)[None, :])
-        hi = tl.minimum(ii[:, None] + CHUNKS, (jj * R + R)[None, :])
-        w = tl.maximum(hi - lo, 0).to(tl.float32)
-        w_next = tl.maximum(tl.minimum(ii + CHUNKS, NJ * R + R) - tl.maximum(ii, NJ * R), 0)
-        w_next = w_next.to(tl.float32)
-        top = pack_key(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32),
-                       tl.full([BLOCK_T, N_PAD], 0x7FFFFFFF, tl.int32))
-        carry = tl.zeros([BLOCK_T], tl.float32)
-        n_sel = last // LP + 1
-        for j0 in range(0, n_sel, NJ):
-            c = j0 * R + ii
-            kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-            s = tl.dot(q, tl.trans(kc)) * qk_scale
-            vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            # Block importance per row with one small MMA, then the sum over the GQA group.
-            imp_rows = tl.dot(p, w, input_precision="ieee")
-            imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
-            imp += tl.where(jj == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),
-                           axis=1)
-            j = j0 + jj
-            started = (j * LP)[None, :] <= t_tile[:, None]
-            own = (t_tile // LP)[:, None]
-            forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
-            imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
-            keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
-            if NJ > N_PAD:
-                keys = tl.topk(keys, N_PAD)
-            top = tl.topk(tl.reshape(tl.join(top, keys), [BLOCK_T, 2 * N_PAD]), N_PAD)
-        col = tl.arange(0, N_PAD)
-        alive = (top >> 32) > monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
-        idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)
-        off = ((b * H + h).to(tl.int64) * T + t_tile.to(tl.int64))[:, None] * N_PAD + col[None, :]
-        tl.store(IDX + off, idx, mask=(t_tile < T)[:, None])
+
+@triton.jit
+def nsa_select_kernel(
+        Q, KC, LSE, IDX, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, T, Tc, scale,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        DK: tl.constexpr, DK_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+        LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, NJ: tl.constexpr,
+        S_INIT: tl.constexpr, S_LOCAL: tl.constexpr):
+    """Top-n block selection for one (batch, KV head, query tile).
+
+    Recomputes the compressed-branch probabilities (with the lse of nsa_cmp_fwd_kernel) chunk
+    by chunk of NJ selection blocks, maps them to block importance, sums over the GQA group
+    and merges each chunk into a running top-n held as packed int64 keys — no (T x Tc) matrix
+    leaves the chip. IDX: (B, H, T, N_PAD) int32, -1 where fewer blocks exist.
+    """
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    qk_scale = scale * LOG2E
+    last = t0 + BLOCK_T - 1
+    lse = tl.load(LSE + (b * H * G + hq).to(tl.int64) * T + tok, mask=ok, other=float("inf"))
+    R: tl.constexpr = LP // STRIDE          # stride-d chunks per selection block
+    CHUNKS: tl.constexpr = L // STRIDE      # chunks per compressed block
+    BLOCK_C2: tl.constexpr = NJ * R
+    lse2 = lse * LOG2E
+    t_tile = t0 + tl.arange(0, BLOCK_T)
+    jj = tl.arange(0, NJ)
+    ii = tl.arange(0, BLOCK_C2)
+    # w[i, j]: chunks of compressed block i (chunks i … i+CHUNKS-1) inside selection block
+    # j (chunks jR … jR+R-1), relative to the current chunk; w_next: the same for block NJ,
+    # which belongs to the next chunk and is carried over.
+    lo = tl.maximum(ii[:, None], (jj * R)[None, :])
+    hi = tl.minimum(ii[:, None] + CHUNKS, (jj * R + R)[None, :])
+    w = tl.maximum(hi - lo, 0).to(tl.float32)
+    w_next = tl.maximum(tl.minimum(ii + CHUNKS, NJ * R + R) - tl.maximum(ii, NJ * R), 0)
+    w_next = w_next.to(tl.float32)
+    top = pack_key(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32),
+                   tl.full([BLOCK_T, N_PAD], 0x7FFFFFFF, tl.int32))
+    carry = tl.zeros([BLOCK_T], tl.float32)
+    n_sel = last // LP + 1
+    for j0 in range(0, n_sel, NJ):
+        c = j0 * R + ii
+        kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        s = tl.dot(q, tl.trans(kc)) * qk_scale
+        vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        # Block importance per row with one small MMA, then the sum over the GQA group.
+        imp_rows = tl.dot(p, w, input_precision="ieee")
+        imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
+        imp += tl.where(jj == 0, carry[:, None], 0.0)
+        carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),
+                       axis=1)
+        j = j0 + jj
+        started = (j * LP)[None, :] <= t_tile[:, None]
+        own = (t_tile // LP)[:, None]
+        forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
+        imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
+        keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
+        if NJ > N_PAD:
+            keys = tl.topk(keys, N_PAD)
+        top = tl.topk(tl.reshape(tl.join(top, keys), [BLOCK_T, 2 * N_PAD]), N_PAD)
+    col = tl.arange(0, N_PAD)
+    dead = monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
+    alive = (top >> 32) > dead
+    idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)
+    off = ((b * H + h).to(tl.int64) * T + t_tile.to(tl.int64))[:, None] * N_PAD + col[None, :]
+    tl.store(IDX + off, idx, mask=(t_tile < T)[:, None])
 
 
 @triton.jit

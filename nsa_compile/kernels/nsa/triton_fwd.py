@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
-from ...templates.nsa_fwd import nsa_cmp_fwd_kernel, nsa_slc_fwd_kernel, nsa_win_fwd_kernel
+from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel, nsa_slc_fwd_kernel,
+                                  nsa_win_fwd_kernel)
 from . import naive
 from .params import NSAParams
 
@@ -75,25 +76,36 @@ class _Launch:
                            dtype=torch.float32)
 
 
-def run_cmp(a: _Launch, cfg: KernelConfig):
-    """Compressed branch (+ block selection): returns (lse_cmp, block_idx or None)."""
+def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
+    """Compressed branch: writes the gated o_cmp into a.o (when present); returns its lse."""
     p = a.params
     g_pad = _pow2(a.G)
     block_t = max(1, cfg.block_m // g_pad)
     lse = a.lse()
-    idx = (torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
-           if p.has_slc else lse)
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
-    gs = a.strides[12:16]
     nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k_cmp, vc, a.gates, a.o, lse, idx,
-        *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *gs, *a.o.stride(),
+        a.q, a.k_cmp, vc, a.gates, a.o, lse,
+        *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.strides[12:16], *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
-        BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, LP=p.select_block,
-        N=p.select_count, N_PAD=a.n_pad, NJ=max(a.n_pad, 16), S_INIT=p.select_initial,
-        S_LOCAL=p.select_local, HAS_CMP=p.has_cmp, HAS_SLC=p.has_slc,
+        BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, HAS_CMP=p.has_cmp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
-    return lse, (idx if p.has_slc else None)
+    return lse
+
+
+def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
+    """Top-n selection from the compressed-branch lse: returns block_idx (B, H, T, N_PAD)."""
+    p = a.params
+    g_pad = _pow2(a.G)
+    block_t = max(1, cfg.block_m // g_pad)
+    idx = torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
+    nsa_select_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+        a.q, a.k_cmp, lse, idx, *a.q.stride(), *a.k_cmp.stride(), a.T, a.k_cmp.shape[2],
+        p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t, DK=a.common["DK"],
+        DK_PAD=a.common["DK_PAD"], L=p.compress_block, STRIDE=p.compress_stride,
+        LP=p.select_block, N=p.select_count, N_PAD=a.n_pad, NJ=max(a.n_pad, cfg.block_n),
+        S_INIT=p.select_initial, S_LOCAL=p.select_local, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return idx
 
 
 def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
@@ -126,14 +138,15 @@ def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                 k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
                 configs: Optional[Dict[str, KernelConfig]] = None) -> ForwardResult:
     """Runs the present branches' kernels; shapes as `naive.nsa_attention_ref`, any strides.
-    configs maps "cmp"/"slc"/"win" to block sizes (missing ones: DEFAULTS)."""
+    configs maps "cmp"/"sel"/"slc"/"win" to block sizes (missing ones: DEFAULTS)."""
     configs = {**DEFAULTS, **(configs or {})}
     o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
     a = _Launch(q, k, v, gates, k_cmp, v_cmp, params, o)
     lse_cmp = lse_slc = lse_win = idx = None
     if params.needs_cmp:
-        lse_cmp, idx = run_cmp(a, configs["cmp"])
+        lse_cmp = run_cmp(a, configs["cmp"])
     if params.has_slc:
+        idx = run_sel(a, configs["sel"], lse_cmp)
         lse_slc = run_slc(a, configs["slc"], idx)
     if params.has_win:
         lse_win = run_win(a, configs["win"])
@@ -165,15 +178,19 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     def bench(fn):
         return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
-    kinds = [("cmp", params.needs_cmp), ("slc", params.has_slc), ("win", params.has_win)]
-    idx = None
+    kinds = [("cmp", params.needs_cmp), ("sel", params.has_slc), ("slc", params.has_slc),
+             ("win", params.has_win)]
+    lse = idx = None
     for kind, present in kinds:
         if not present:
             continue
         key = autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
+        if kind == "sel" and lse is None:
+            lse = run_cmp(launch(), chosen["cmp"])
         if kind == "slc" and idx is None:
-            idx = run_cmp(launch(), chosen["cmp"])[1]
+            idx = run_sel(launch(), chosen["sel"], lse)
         runner = {"cmp": lambda c: bench(lambda: run_cmp(launch(), c)),
+                  "sel": lambda c: bench(lambda: run_sel(launch(), c, lse)),
                   "slc": lambda c: bench(lambda: run_slc(launch(), c, idx)),
                   "win": lambda c: bench(lambda: run_win(launch(), c))}[kind]
         chosen[kind] = autotune.pick(
