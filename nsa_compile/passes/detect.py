@@ -205,7 +205,7 @@ def rule_mask_values(call: Call, ctx: Context) -> Optional[MaskVerdict]:
                                        "causal key padding: NSA cannot reproduce it")
     for name in other:
         x = ctx.gv.user_inputs[name]
-        pert = x + 1 if not x.is_floating_point() else x * 1.5 + 1
+        pert = ~x if x.dtype == torch.bool else x * 1.5 + 1 if x.is_floating_point() else x + 1
         keep2, why = _keep(call, ctx, _mask_values(call, ctx, {name: pert}))
         if why or keep2.shape != keep.shape or not bool((keep2 == keep).all()):
             return MaskVerdict("skip", f"the mask depends on the values of input {name!r} (an "
