@@ -6,7 +6,7 @@ from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
 from nsa_compile.kernels.nsa.params import NSAParams
 
-from . import nsa_reference as ref
+import nsa_reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
