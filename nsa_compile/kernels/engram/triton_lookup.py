@@ -5,7 +5,8 @@ Forward: one program per tile of tokens computes every order's suffix hash incre
 copies a (tokens, K, head_dim) tile of table rows into the concatenated embedding, so each
 token's K rows are written contiguously; the canonical ids are read once per (token, j) and
 the table rows once per (token, head). Backward: the flat row indices
-are sorted (stable), and each segment of equal rows is summed in that order by one lane, so
+are sorted (stable), and each segment of equal rows is summed in that order by one lane (every
+lane owns a segment: the starts are compacted on the device first), so
 the table gradient is bitwise reproducible (no float atomics) and equals the reference's
 in-order fp32 sum.
 
@@ -60,9 +61,9 @@ def _engram_fwd_kernel(ids_ptr, canon_ptr, mult_ptr, primes_ptr, offsets_ptr, pa
         x = tl.minimum(tl.maximum(x, 0), V - 1)
         y = tl.where(valid, tl.load(canon_ptr + x, mask=valid, other=0), pad)
         h = h ^ (y * tl.load(mult_ptr + j))
-        slot: tl.constexpr = (SLOT_CODE >> (4 * (j + 1))) & 15
-        if slot != 15:
-            hashes = tl.where(col_slot[None, :] == slot, h[:, None], hashes)
+        # j + 1's slot; 15 (not an order) matches no column, so no branch is needed
+        hashes = tl.where(col_slot[None, :] == ((SLOT_CODE >> (4 * (j + 1))) & 15),
+                          h[:, None], hashes)
     p = tl.load(primes_ptr + c, mask=cmask, other=1)
     off = tl.load(offsets_ptr + c, mask=cmask, other=0)
     rows = hashes % p[None, :] + off[None, :]
@@ -77,19 +78,18 @@ def _engram_fwd_kernel(ids_ptr, canon_ptr, mult_ptr, primes_ptr, offsets_ptr, pa
 
 
 @triton.jit
-def _engram_bwd_kernel(sorted_ptr, perm_ptr, grad_ptr, out_ptr, N, DH,
+def _engram_bwd_kernel(sorted_ptr, perm_ptr, starts_ptr, nseg_ptr, grad_ptr, out_ptr, N, DH,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    imask = i < N
-    r = tl.load(sorted_ptr + i, mask=imask, other=-1).to(tl.int64)
-    prev = tl.load(sorted_ptr + i - 1, mask=imask & (i > 0), other=-1).to(tl.int64)
-    head = imask & (r != prev)
+    seg = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    own = seg < tl.load(nseg_ptr)
+    i = tl.load(starts_ptr + seg, mask=own, other=0)
+    r = tl.load(sorted_ptr + i, mask=own, other=-1).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dmask = d < DH
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    active = head
+    active = own
     j = i
-    # Each segment head walks its run of equal rows in sorted (= original) order.
+    # Each lane owns one segment of equal rows and sums it in sorted (= original) order.
     while tl.max(active.to(tl.int32), axis=0) > 0:
         src = tl.load(perm_ptr + j, mask=active, other=0)
         g = tl.load(grad_ptr + src[:, None] * DH + d[None, :],
@@ -99,7 +99,7 @@ def _engram_bwd_kernel(sorted_ptr, perm_ptr, grad_ptr, out_ptr, N, DH,
         nxt = tl.load(sorted_ptr + j, mask=active & (j < N), other=-1)
         active = active & (nxt == r)
     tl.store(out_ptr + r[:, None] * DH + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=head[:, None] & dmask[None, :])
+             mask=own[:, None] & dmask[None, :])
 
 
 def _slot_code(orders: Sequence[int]) -> int:
@@ -153,8 +153,17 @@ def engram_table_grad(grad_emb: Tensor, rows: Tensor, num_rows: int,
     # 32-bit keys halve the radix sort's passes; the table never has 2**31 rows in practice
     keys = flat.to(torch.int32) if num_rows < 2 ** 31 else flat
     sorted_rows, perm = torch.sort(keys, stable=True)
+    # Segment starts without a host sync: segment s (0-based) starts where the running count
+    # of heads reaches s + 1; non-heads write to a spare slot N that is never read.
+    head = torch.ones(N, dtype=torch.bool, device=flat.device)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=head[1:])
+    count = torch.cumsum(head, 0)
+    starts = torch.empty(N + 1, dtype=torch.int64, device=flat.device)
+    starts.index_put_((torch.where(head, count - 1, N),),
+                      torch.arange(N, device=flat.device))
     grid = (triton.cdiv(N, cfg.block_n),)
-    _engram_bwd_kernel[grid](sorted_rows, perm, grad_emb.contiguous(), out, N, dh,
+    _engram_bwd_kernel[grid](sorted_rows, perm, starts, count[-1:], grad_emb.contiguous(),
+                             out, N, dh,
                              BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(dh),
                              num_warps=cfg.num_warps)
     return out
