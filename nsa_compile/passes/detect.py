@@ -8,7 +8,6 @@ masks need no rule of their own.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -20,8 +19,6 @@ from .find import (Call, Finding, SitePlan, _as_keep, canonical_qkv, find_manual
                    find_sdpa_calls, is_scalar_like, keys_seen, matches, module_dropout,
                    number_calls, pattern, repeated, to4d)
 from .graph import REPEAT_OPS, GraphValues, ancestors, in_call, tensor_val, user_input_deps
-
-log = logging.getLogger("nsa_compile")
 
 
 @dataclass
@@ -284,8 +281,11 @@ def _external_mask(call: Call, ctx: Context) -> bool:
 # --------------------------------------------------------------------------- driver
 
 def _values_needed(calls: List[Call]) -> List[fx.Node]:
+    """Masks, scale factors, and q/k/v where KV heads may be repeated: evaluated in one pass."""
     out = []
     for call in calls:
+        if _needs_kv(call):
+            out += [call.q, call.k, call.v]
         for m in call.masks:
             out += [p for p in (m.node, m.fill) if isinstance(p, fx.Node)]
         out += [op for _, op in call.scale_factors if isinstance(op, fx.Node)]
@@ -313,13 +313,7 @@ def classify(call: Call, ctx: Context) -> Finding:
     why, p = rule_attention_dropout(call, ctx, owner)
     if why:
         return Finding(call, "skip", why)
-    need = [call.q, call.k, call.v] if _needs_kv(call) else []
-    vals = dict(ctx.values)
-    if need:
-        vals.update(ctx.gv.evaluate(need))
-        q, k, v = canonical_qkv(call, vals)
-    else:
-        q, k, v = meta_qkv(call)
+    q, k, v = canonical_qkv(call, ctx.values) if call.k in ctx.values else meta_qkv(call)
     HQ = q.shape[1]
     H, layout = kv_heads(call, ctx, q, k, v)
     if HQ % H:

@@ -5,15 +5,13 @@ module, q/k/v, the masks on the way to the softmax, the scale factors. `detect.p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 
-from .graph import (PASS_THROUGH, REPEAT_OPS, GraphValues, aten, ancestors, arg, common_owner,
-                    family, in_call, tensor_val, user_input_deps)
+from .graph import (PASS_THROUGH, aten, arg, common_owner, family, owner_calls, tensor_val)
 
 NEG_LARGE = -1e4  # a fill at or below this counts as "masked out" (HF uses finfo.min)
 
@@ -262,10 +260,11 @@ def number_calls(graph: fx.Graph, calls: List[Call]) -> None:
     """Fill in each call's run-time coordinates: its index among same-family calls inside the
     owning module's forward, and the masks' and PV matmul's positions after the QKᵀ matmul."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    by_key: Dict[str, List[fx.Node]] = {}
-    for call in calls:
-        if call.key not in by_key:
-            by_key[call.key] = [n for n in graph.nodes if in_call(n, call.key)]
+    keys = {call.key for call in calls}
+    by_key: Dict[str, List[fx.Node]] = {key: [] for key in keys}
+    for n in graph.nodes:
+        for key in {k for k, _ in owner_calls(n)} & keys | ({""} & keys):
+            by_key[key].append(n)
     for call in calls:
         nodes = by_key[call.key]
         fam = "sdpa" if call.kind == "sdpa" else "matmul"
@@ -432,7 +431,3 @@ def module_dropout(module: nn.Module) -> float:
         if isinstance(child, nn.Dropout) and ("attn" in low or "attention" in low):
             p = max(p, float(child.p))
     return p
-
-
-def math_isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)
