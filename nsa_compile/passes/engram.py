@@ -10,6 +10,12 @@ Insertion (module surgery, in place): each chosen block gets an `engram` child a
 pre-hook that adds Engram's output to the hidden state it receives; the embedding module gets a
 pre-hook that hands the token ids to the Engram modules, and the root a pre-hook that forgets
 the previous call's ids. No global state; `torch.compile(fullgraph=True)` traces the hooks.
+
+Limits: Engram sees the ids of one forward call. Under incremental decoding with a KV cache the
+embedding receives only the new tokens, so n-grams that reach back past the step use the pad
+id and the conv has no history: the output differs from a full-sequence forward (a cache of
+the last max(orders)-1 ids and conv inputs per layer is the missing piece). Left padding in a
+batch enters the n-grams as ordinary tokens.
 """
 from __future__ import annotations
 
