@@ -9,7 +9,6 @@ computation of a hand-written chain becomes dead code there and is dropped.
 """
 from __future__ import annotations
 
-import types
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -22,7 +21,6 @@ from .find import NEG_LARGE, SitePlan, einsum_pv_perms, einsum_qk_perms, keys_se
 from .graph import runtime_family
 
 PLAN_ATTR = "_nsa_plan"
-DENSE_FORWARD_ATTR = "_nsa_dense_forward"
 NSA_CHILD = "nsa"
 
 _ARG_NAMES = {"masked_fill": "mask", "where": "condition", "add": "other"}
@@ -205,16 +203,32 @@ class SiteMode(TorchFunctionMode):
         return route(self.module, self.plan, self.q, self.k, v, self.masks)
 
 
-def _sparse_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    mode = SiteMode(self)
-    with mode:
-        out = self.__dict__[DENSE_FORWARD_ATTR](*args, **kwargs)
-    if not mode.done:
-        raise RuntimeError(
-            f"nsa_compile: {type(self).__name__} ({mode.plan.path or '<root>'}) did not make the "
-            f"{mode.plan.kind} attention call it was sparsified for (was its attention "
-            "implementation changed after sparsify?)")
-    return out
+class SparseForward:
+    """The forward of a rewritten module: its own forward, run under `SiteMode`.
+
+    A plain picklable object (not a bound method), so the model still deep-copies and pickles.
+    `dense` is the forward the module had as an instance attribute, if any (e.g. a hook
+    wrapper); otherwise the class's forward runs.
+    """
+
+    def __init__(self, module: nn.Module, dense: Optional[Any] = None):
+        self.module = module
+        self.dense = dense
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        mode = SiteMode(module)
+        with mode:
+            if self.dense is not None:
+                out = self.dense(*args, **kwargs)
+            else:
+                out = type(module).forward(module, *args, **kwargs)
+        if not mode.done:
+            raise RuntimeError(
+                f"nsa_compile: {type(module).__name__} ({mode.plan.path or '<root>'}) did not make "
+                f"the {mode.plan.kind} attention call it was sparsified for (was its attention "
+                "implementation changed after sparsify?)")
+        return out
 
 
 def install(module: nn.Module, plan: SitePlan, config: NSAConfig) -> NSAAttention:
@@ -229,8 +243,7 @@ def install(module: nn.Module, plan: SitePlan, config: NSAConfig) -> NSAAttentio
         nsa = nsa.to(device=ref.device, dtype=ref.dtype)
     module.add_module(NSA_CHILD, nsa)
     module.__dict__[PLAN_ATTR] = plan
-    module.__dict__[DENSE_FORWARD_ATTR] = module.forward
-    module.forward = types.MethodType(_sparse_forward, module)
+    module.forward = SparseForward(module, module.__dict__.get("forward"))
     return nsa
 
 

@@ -136,3 +136,21 @@ def test_inspect_lists_embedding_sites():
     report = nsa_compile.inspect(_gpt(), (_ids(),))
     emb = [s for s in report.sites if s.kind == "embedding"]
     assert emb and emb[0].path == "transformer.wte"
+
+
+def test_sparsified_model_deep_copies_and_pickles():
+    import copy
+    import io
+    model = _gpt(flash=False)
+    ids = _ids()
+    nsa_compile.sparsify(model, NSAConfig(compress_block=4, compress_stride=2, select_block=4,
+                                          select_count=2, select_initial=1, select_local=1,
+                                          window=4), example_inputs=(ids,))
+    ref = model(ids)
+    twin = copy.deepcopy(model)
+    assert twin.transformer.h[0].attn.forward.module is twin.transformer.h[0].attn
+    torch.testing.assert_close(twin(ids), ref, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(ids), ref, rtol=0, atol=0)
