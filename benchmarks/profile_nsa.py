@@ -12,6 +12,7 @@ from triton.testing import do_bench
 
 from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
+from nsa_compile.ops import nsa_attention
 from nsa_compile.kernels.nsa.params import NSAParams
 from nsa_compile.kernels.nsa.triton_fwd import _Launch, run_cmp, run_sel, run_slc, run_win
 from nsa_compile.templates.nsa_configs import DEFAULTS, candidates
@@ -23,6 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ts", default="65536")
     ap.add_argument("--groups", default="64/4,32/8")
+    ap.add_argument("--kernels", default="cmp,sel,slc,win")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for grp in args.groups.split(","):
@@ -46,6 +48,8 @@ def main():
             }
             total = 0.0
             for name, (kind, fn) in jobs.items():
+                if name not in args.kernels.split(","):
+                    continue
                 res = []
                 for cfg in candidates(kind, HQ // H if HQ // H > 1 else 1, D, D, 2):
                     try:
@@ -59,6 +63,14 @@ def main():
                 print(f"HQ/H={HQ}/{H} T={T} {name:11s} best {best[0]:8.3f} ms  default "
                       f"{dflt:8.3f} ms  {best[1]}", flush=True)
             print(f"HQ/H={HQ}/{H} T={T} sum of best kernels {total:.3f} ms", flush=True)
+            cfg = NSAConfig()
+            t_pool = do_bench(lambda: naive.mean_pool(k, 32, 16), warmup=5, rep=30,
+                              return_mode="median")
+            op = lambda: nsa_attention(q, k, v, config=cfg, gates=g)
+            op()
+            t_op = do_bench(op, warmup=5, rep=30, return_mode="median")
+            print(f"HQ/H={HQ}/{H} T={T} mean_pool {t_pool:.3f} ms, whole op {t_op:.3f} ms",
+                  flush=True)
             del q, k, v, g, kc, vc, o, lse, idx
             torch.cuda.empty_cache()
 

@@ -105,9 +105,10 @@ def nsa_select_kernel(
         s = tl.dot(q, tl.trans(kc)) * qk_scale
         vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        # Block importance per row with one small MMA (tf32 on GPUs, ~1e-3 relative), then the
-        # sum over the GQA group.
-        imp_rows = tl.dot(p, w)
+        # Block importance per row with one small MMA in the input dtype (for bf16 ~2e-3
+        # relative, below the inputs' own rounding; p then stays in registers as in P·V), then
+        # the sum over the GQA group.
+        imp_rows = tl.dot(p.to(kc.dtype), w.to(kc.dtype))
         imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
         imp += tl.where(jj == 0, carry[:, None], 0.0)
         carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),

@@ -31,8 +31,23 @@ def compressed_blocks(x: Tensor, block: int, stride: int) -> Tensor:
 
 
 def mean_pool(x: Tensor, block: int, stride: int) -> Tensor:
-    """The "mean" compressor: x (B, H, T, D) -> (B, H, Tc, D)."""
-    return compressed_blocks(x, block, stride).mean(dim=3)
+    """The "mean" compressor: x (B, H, T, D) -> (B, H, Tc, D).
+
+    Sums each stride-long chunk once (a contiguous reduction), then adds block/stride
+    neighbouring chunk sums, instead of reducing the overlapping windows one by one.
+    """
+    B, H, T, D = x.shape
+    Tc = 0 if T < block else (T - block) // stride + 1
+    if Tc == 0:
+        return x.new_empty(B, H, 0, D)
+    per = block // stride
+    n_chunks = Tc + per - 1
+    acc = compute_dtype(x.dtype)
+    chunks = x[:, :, :n_chunks * stride].reshape(B, H, n_chunks, stride, D).sum(3, dtype=acc)
+    total = chunks[:, :, :Tc]
+    for c in range(1, per):
+        total = total + chunks[:, :, c:c + Tc]
+    return (total / block).to(x.dtype)
 
 
 def overlap_weights(num_cmp: int, num_sel: int, params: NSAParams,
