@@ -5,10 +5,11 @@ Forward: one program per tile of tokens computes every order's suffix hash incre
 copies a (tokens, K, head_dim) tile of table rows into the concatenated embedding, so each
 token's K rows are written contiguously; the canonical ids are read once per (token, j) and
 the table rows once per (token, head). Backward: the flat row indices
-are sorted (stable), and each segment of equal rows is summed in that order by one lane (every
-lane owns a segment: the starts are compacted on the device first), so
-the table gradient is bitwise reproducible (no float atomics) and equals the reference's
-in-order fp32 sum.
+are sorted (stable); each block of sorted entries sums its runs of equal rows with a segmented
+scan (every lane loads one gradient row), and a second small kernel adds, in block order, the
+partial sums of runs that cross block edges. The order of every addition is fixed by the
+sorted order and the block size, so the table gradient is bitwise reproducible (no float
+atomics); it matches the reference's in-order fp32 sum to rounding.
 
 The gate and projections stay in PyTorch: they are GEMMs over d_model, where cuBLAS wins and
 fusing them into a gather gains no memory traffic.
@@ -78,28 +79,71 @@ def _engram_fwd_kernel(ids_ptr, canon_ptr, mult_ptr, primes_ptr, offsets_ptr, pa
 
 
 @triton.jit
-def _engram_bwd_kernel(sorted_ptr, perm_ptr, starts_ptr, nseg_ptr, grad_ptr, out_ptr, N, DH,
+def _segmented_add(v1, f1, v2, f2):
+    return tl.where(f2, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def _engram_bwd_kernel(sorted_ptr, perm_ptr, grad_ptr, out_ptr, first_ptr, last_ptr, N, DH,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    seg = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    own = seg < tl.load(nseg_ptr)
-    i = tl.load(starts_ptr + seg, mask=own, other=0)
-    r = tl.load(sorted_ptr + i, mask=own, other=-1).to(tl.int64)
+    """One block of sorted entries: a segmented scan sums each run of equal rows (a fixed
+    tree order). Runs wholly inside the block are written to out; the block's first run, when
+    it continues an earlier block's, goes to first[b]; its last run, when it starts here and
+    continues past the block, to last[b] (both finished by `_engram_bwd_carry_kernel`)."""
+    b = tl.program_id(0)
+    k = tl.arange(0, BLOCK_N)
+    i = b.to(tl.int64) * BLOCK_N + k
+    imask = i < N
+    r = tl.load(sorted_ptr + i, mask=imask, other=-1).to(tl.int64)
+    prev = tl.load(sorted_ptr + i - 1, mask=imask & (i > 0), other=-2).to(tl.int64)
+    nxt = tl.load(sorted_ptr + i + 1, mask=(i + 1) < N, other=-2).to(tl.int64)
+    head = r != prev  # a run starts here, globally
+    tail = r != nxt  # a run ends here, globally
+    piece_start = head | (k == 0)
+    piece_end = imask & (tail | (k == BLOCK_N - 1))
     d = tl.arange(0, BLOCK_D)
-    dmask = d < DH
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    active = own
-    j = i
-    # Each lane owns one segment of equal rows and sums it in sorted (= original) order.
-    while tl.max(active.to(tl.int32), axis=0) > 0:
-        src = tl.load(perm_ptr + j, mask=active, other=0)
-        g = tl.load(grad_ptr + src[:, None] * DH + d[None, :],
-                    mask=active[:, None] & dmask[None, :], other=0.0)
-        acc += g.to(tl.float32)
-        j = j + 1
-        nxt = tl.load(sorted_ptr + j, mask=active & (j < N), other=-1)
-        active = active & (nxt == r)
+    dm = (d < DH)[None, :]
+    src = tl.load(perm_ptr + i, mask=imask, other=0)
+    g = tl.load(grad_ptr + src[:, None] * DH + d[None, :], mask=imask[:, None] & dm,
+                other=0.0).to(tl.float32)
+    flags = tl.broadcast_to(piece_start[:, None], (BLOCK_N, BLOCK_D))
+    acc, _ = tl.associative_scan((g, flags), 0, _segmented_add)
+    # the block's first piece continues an earlier run unless entry 0 is a head
+    in_first = tl.cumsum((piece_start & (k > 0)).to(tl.int32), 0) == 0
+    continued = in_first & (tl.sum((head & (k == 0)).to(tl.int32), 0) == 0)
     tl.store(out_ptr + r[:, None] * DH + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=own[:, None] & dmask[None, :])
+             mask=(piece_end & tail & ~continued)[:, None] & dm)
+    part = b.to(tl.int64) * DH + k[:, None] * 0 + d[None, :]
+    tl.store(first_ptr + part, acc, mask=(piece_end & continued)[:, None] & dm)
+    tl.store(last_ptr + part, acc, mask=(piece_end & ~tail & ~continued)[:, None] & dm)
+
+
+@triton.jit
+def _engram_bwd_carry_kernel(sorted_ptr, out_ptr, first_ptr, last_ptr, N, DH,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Finishes a run that starts in block b and continues past it: last[b] plus the
+    following blocks' first[] in block order, as long as the run goes on."""
+    b = tl.program_id(0).to(tl.int64)
+    lo = b * BLOCK_N
+    hi = tl.minimum(lo + BLOCK_N, N) - 1
+    r = tl.load(sorted_ptr + hi).to(tl.int64)
+    nxt = tl.load(sorted_ptr + hi + 1, mask=hi + 1 < N, other=-2).to(tl.int64)
+    # the block's last run starts inside it unless the whole block continues an earlier run
+    first_row = tl.load(sorted_ptr + lo).to(tl.int64)
+    before = tl.load(sorted_ptr + lo - 1, mask=lo > 0, other=-2).to(tl.int64)
+    own = (nxt == r) & ((first_row != r) | (before != r))
+    d = tl.arange(0, BLOCK_D)
+    dm = (d < DH) & own
+    acc = tl.load(last_ptr + b * DH + d, mask=dm, other=0.0)
+    c = b + 1
+    more = own
+    while more:
+        acc += tl.load(first_ptr + c * DH + d, mask=dm, other=0.0)
+        end = tl.minimum(c * BLOCK_N + BLOCK_N, N) - 1
+        after = tl.load(sorted_ptr + end + 1, mask=end + 1 < N, other=-2).to(tl.int64)
+        more = after == r
+        c += 1
+    tl.store(out_ptr + r * DH + d, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
 def _slot_code(orders: Sequence[int]) -> int:
@@ -153,17 +197,15 @@ def engram_table_grad(grad_emb: Tensor, rows: Tensor, num_rows: int,
     # 32-bit keys halve the radix sort's passes; the table never has 2**31 rows in practice
     keys = flat.to(torch.int32) if num_rows < 2 ** 31 else flat
     sorted_rows, perm = torch.sort(keys, stable=True)
-    # Segment starts without a host sync: segment s (0-based) starts where the running count
-    # of heads reaches s + 1; non-heads write to a spare slot N that is never read.
-    head = torch.ones(N, dtype=torch.bool, device=flat.device)
-    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=head[1:])
-    count = torch.cumsum(head, 0)
-    starts = torch.empty(N + 1, dtype=torch.int64, device=flat.device)
-    starts.index_put_((torch.where(head, count - 1, N),),
-                      torch.arange(N, device=flat.device))
-    grid = (triton.cdiv(N, cfg.block_n),)
-    _engram_bwd_kernel[grid](sorted_rows, perm, starts, count[-1:], grad_emb.contiguous(),
-                             out, N, dh,
-                             BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(dh),
-                             num_warps=cfg.num_warps)
+    num_blocks = triton.cdiv(N, cfg.block_n)
+    # per-block partial sums of the runs crossing block edges (fp32, read only where written)
+    first = torch.empty(num_blocks, dh, dtype=torch.float32, device=out.device)
+    last = torch.empty(num_blocks, dh, dtype=torch.float32, device=out.device)
+    block_d = triton.next_power_of_2(dh)
+    grad = grad_emb.contiguous()
+    _engram_bwd_kernel[(num_blocks,)](sorted_rows, perm, grad, out, first, last, N, dh,
+                                      BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                                      num_warps=cfg.num_warps)
+    _engram_bwd_carry_kernel[(num_blocks,)](sorted_rows, out, first, last, N, dh,
+                                            BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=1)
     return out
