@@ -134,7 +134,7 @@ def _padding_inputs(call: Call, ctx: Context) -> Tuple[List[str], List[str]]:
             if isinstance(part, fx.Node):
                 names |= ctx.deps.get(part, frozenset())
     padding, other = [], []
-    T = tensor_val(call.q).shape[2]
+    T = meta_qkv(call)[0].shape[2]
     for name in sorted(names):
         x = ctx.gv.user_inputs[name]
         binary = x.dim() == 2 and x.shape[-1] == T and bool(((x == 0) | (x == 1)).all())
@@ -171,7 +171,7 @@ def rule_mask_values(call: Call, ctx: Context) -> Optional[MaskVerdict]:
     sliding-window mask. Judged by its values; a mask read from a 0/1 (B, T) input (Llama's
     attention_mask) must act as key padding when that input gets zeros; a mask read from any
     other input must not change when the input does."""
-    T = tensor_val(call.q).shape[2]
+    T = meta_qkv(call)[0].shape[2]
     keep, why = _keep(call, ctx, ctx.values)
     if why:
         return MaskVerdict("skip", why)

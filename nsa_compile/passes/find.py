@@ -22,7 +22,8 @@ class MaskOp:
 
     how: "keep" (True = attend), "drop" (True = masked, as masked_fill) or "additive" (0 = attend,
     very negative = masked). family/argpos/after locate it at run time: the `after`-th call of
-    `family` after the QKᵀ matmul, mask at argument `argpos`.
+    `family` after the QKᵀ matmul, mask at argument `argpos`. fill: what masked_fill/where write
+    at masked positions (a number, or a graph node evaluated later).
     """
 
     node: Any
@@ -30,7 +31,7 @@ class MaskOp:
     family: str = "sdpa"
     argpos: int = 3
     after: int = 0
-    fill: Optional[float] = None
+    fill: Any = None
 
 
 @dataclass
@@ -179,19 +180,14 @@ def _walk_back_scores(softmax: fx.Node) -> Tuple[Optional[fx.Node], List[MaskOp]
             masks.append(MaskOp(x.args[1 - i], "additive", "add", 1 - i))
             x = x.args[i]
         elif fam == "masked_fill":
-            fill = x.args[2]
-            masks.append(MaskOp(x.args[1], "drop", "masked_fill", 1,
-                                fill=fill if isinstance(fill, (int, float)) else None))
+            masks.append(MaskOp(x.args[1], "drop", "masked_fill", 1, fill=x.args[2]))
             x = x.args[0]
         elif fam == "where":
             i = _scores_operand(x, x.args[1:3])
             if i is None:
                 return None, masks, factors, unknown
-            other = x.args[2 - i]
             masks.append(MaskOp(x.args[0], "keep" if i == 0 else "drop", "where", 0,
-                                fill=other if isinstance(other, (int, float)) else None))
-            if isinstance(other, fx.Node):
-                masks[-1].fill = other  # evaluated later
+                                fill=x.args[2 - i]))  # a number, or a node evaluated later
             x = x.args[1 + i]
         else:
             unknown.append(str(getattr(t, "__name__", t)).split(".")[0])
@@ -221,10 +217,6 @@ def _walk_forward_probs(softmax: fx.Node) -> Tuple[Optional[fx.Node], float]:
     return None, p
 
 
-def _einsum_operands(node: fx.Node) -> Tuple[str, List[Any]]:
-    return node.args[0], list(node.args[1])
-
-
 def find_manual_calls(graph: fx.Graph) -> List[Call]:
     """Every softmax fed by a matmul and feeding a matmul: hand-written attention."""
     calls = []
@@ -241,11 +233,8 @@ def find_manual_calls(graph: fx.Graph) -> List[Call]:
         pv, p = _walk_forward_probs(node)
         if pv is None:
             continue
-        if qk.target is aten.einsum.default:
-            _eq, (q, k) = _einsum_operands(qk)[0], _einsum_operands(qk)[1][:2]
-        else:
-            q, k = qk.args[:2]
-        v = _einsum_operands(pv)[1][1] if pv.target is aten.einsum.default else pv.args[1]
+        q, k = qk.args[1][:2] if qk.target is aten.einsum.default else qk.args[:2]
+        v = pv.args[1][1] if pv.target is aten.einsum.default else pv.args[1]
         key, path = common_owner([qk, node, pv])
         call = Call("manual", path, key, q, k, v, pv, qk=qk, masks=masks, scale_factors=factors,
                     dropout_p=p)

@@ -192,15 +192,29 @@ class SiteMode(TorchFunctionMode):
             self.q, self.k = a.permute(pq), b.permute(pk)
         else:
             self.q, self.k = a, b.transpose(-1, -2)
+        self._check("QKᵀ", self.q, self.plan.head_dim)
+        self._check("QKᵀ", self.k, self.plan.head_dim)
         self.in_chain = True
+
+    def _check(self, where: str, x: Any, dim: int) -> None:
+        """The call found by position must look like the one planned; if the module's code path
+        changed since sparsify, fail loudly rather than attend with the wrong tensors."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise RuntimeError(
+                f"nsa_compile: in {self.plan.path or '<root>'} the {where} matmul sparsify planned "
+                f"now sees an operand of shape {shape} (expected 4-D with head dim {dim}); the "
+                "module's forward took another path than when it was traced")
 
     def _finish_chain(self, func, args) -> Tensor:
         _p, v = self._operands(func, args)
+        pout = None
         if self.plan.pv_equation is not None:
             pv, pout = einsum_pv_perms(self.plan.pv_equation)
-            out = route(self.module, self.plan, self.q, self.k, v.permute(pv), self.masks)
-            return out.permute(pout)
-        return route(self.module, self.plan, self.q, self.k, v, self.masks)
+            v = v.permute(pv)
+        self._check("PV", v, self.plan.v_head_dim)
+        out = route(self.module, self.plan, self.q, self.k, v, self.masks)
+        return out if pout is None else out.permute(pout)
 
 
 class SparseForward:

@@ -31,7 +31,7 @@ def _sparsified(name):
         args, kwargs, get = (torch.randint(0, 97, (2, 40)),), {}, lambda o: o
         example = args
     elif name.startswith("zoo"):
-        spec = ZooSpec(depth=2, n_head=4, n_kv_head=2, attn="einsum", mask="where", gqa="tile",
+        spec = ZooSpec(depth=2, n_head=4, n_kv_head=2, attn="einsum_bthd", mask="where", gqa="tile",
                        padding=True)
         model = ZooModel(spec)
         ids = torch.randint(0, spec.vocab, (2, 40))

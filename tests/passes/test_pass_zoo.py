@@ -125,7 +125,7 @@ def test_zoo_state_dict_round_trip(spec):
 
 
 @pytest.mark.parametrize("gqa", ["repeat_kv", "repeat_interleave", "tile", "bthd", "enable_gqa"])
-@pytest.mark.parametrize("attn", ["sdpa", "manual"])
+@pytest.mark.parametrize("attn", ["sdpa", "manual", "einsum_bthd"])
 def test_hand_written_gqa_recovers_kv_heads(gqa, attn):
     """Hand-written GQA (8 query / 2 KV heads) in each repetition style: the NSA module sees
     the true 2 KV heads, and a dense-equivalent NSA reproduces the output."""

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 LAYOUTS = ("separate", "fused_split", "fused_chunk", "fused_unbind")
-ATTNS = ("sdpa", "manual", "einsum")
+ATTNS = ("sdpa", "manual", "einsum", "einsum_bthd")
 MASKS = ("flag", "bool", "additive", "where")
 GQAS = ("repeat_kv", "repeat_interleave", "tile", "enable_gqa", "bthd")
-SCALES = ("default", "explicit", "div", "q")
+SCALES = ("default", "explicit", "div", "q", "k")
 
 
 @dataclass(frozen=True)
@@ -129,15 +129,17 @@ class ZooAttention(nn.Module):
             how = s.gqa if s.gqa in ("repeat_kv", "repeat_interleave", "tile") else "repeat_kv"
             k, v = _repeat(k, G, how), _repeat(v, G, how)
         D = q.shape[-1]
-        scale = {"default": D ** -0.5, "explicit": 0.3, "div": D ** -0.5, "q": 1.0}[s.scale]
+        scale = {"default": D ** -0.5, "explicit": 0.3, "div": D ** -0.5, "q": 1.0, "k": 1.0}[s.scale]
         if s.scale == "q":
             q = q * D ** -0.5
+        elif s.scale == "k":
+            k = k / math.sqrt(D)
         mask = self._mask(T, pad)
         if s.attn == "sdpa":
             kw = {}
             if s.gqa == "enable_gqa" and G > 1:
                 kw["enable_gqa"] = True
-            if s.scale in ("explicit", "q"):
+            if s.scale in ("explicit", "q", "k"):
                 kw["scale"] = scale
             if mask is not None and mask.dtype == torch.bool and s.mask == "where":
                 mask = torch.where(mask, 0.0, float("-inf"))
@@ -147,11 +149,13 @@ class ZooAttention(nn.Module):
         else:
             if s.attn == "einsum":
                 att = torch.einsum("bhqd,bhkd->bhqk", q, k)
+            elif s.attn == "einsum_bthd":
+                att = torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2))
             else:
                 att = q @ k.transpose(-2, -1)
             if s.scale == "div":
                 att = att / math.sqrt(D)
-            elif s.scale != "q":
+            elif s.scale not in ("q", "k"):
                 att = att * scale
             if mask is not None:
                 if mask.dtype != torch.bool:
@@ -162,6 +166,9 @@ class ZooAttention(nn.Module):
                     att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att.float() if s.upcast else att, dim=-1).to(q.dtype)
             att = self.attn_drop(att)
+            if s.attn == "einsum_bthd":
+                y = torch.einsum("bhqk,bkhd->bqhd", att, v.transpose(1, 2))
+                return self.o_proj(y.reshape(B, T, -1))
             y = torch.einsum("bhqk,bhkd->bhqd", att, v) if s.attn == "einsum" else att @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
