@@ -13,7 +13,7 @@ from ..modules.nsa_attention import NSAAttention
 from .detect import Finding, detect
 from .plan import FilterFn, attention_sites, engram_sites
 from .report import Report, Site
-from .rewrite import install, is_rewritten
+from .rewrite import check_installable, install, is_rewritten
 from .trace import normalize_inputs, trace_model
 
 log = logging.getLogger("nsa_compile")
@@ -104,6 +104,9 @@ def sparsify(model: nn.Module, nsa: Optional[NSAConfig] = NSAConfig(), *,
     findings: List[Finding] = detect(model, ep, args, kwargs)
     planned = attention_sites(model, findings, nsa, filter_fn)
     modules = dict(model.named_modules())
+    for site, _ in planned:
+        if site.status == "rewrite":
+            check_installable(modules[site.path], site.path)
     sites: List[Site] = []
     for site, finding in planned:
         if site.status == "rewrite":

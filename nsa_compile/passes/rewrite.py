@@ -245,11 +245,17 @@ class SparseForward:
         return out
 
 
+def check_installable(module: nn.Module, path: str) -> None:
+    """Raises before any change if `module` cannot take the NSA submodule."""
+    if NSA_CHILD in module._modules or hasattr(module, NSA_CHILD):
+        raise ValueError(f"nsa_compile: {type(module).__name__} at {path or '<root>'!r} already "
+                         f"has an attribute {NSA_CHILD!r}; cannot add the NSA submodule (exclude "
+                         "it with filter_fn)")
+
+
 def install(module: nn.Module, plan: SitePlan, config: NSAConfig) -> NSAAttention:
     """Adds `module.nsa` and routes the module's attention call through it."""
-    if NSA_CHILD in module._modules or hasattr(module, NSA_CHILD):
-        raise ValueError(f"nsa_compile: {type(module).__name__} at {plan.path!r} already has an "
-                         f"attribute {NSA_CHILD!r}; cannot add the NSA submodule")
+    check_installable(module, plan.path)
     ref = next((p for p in module.parameters() if p.is_floating_point()), None)
     nsa = NSAAttention(config, plan.num_heads, plan.num_kv_heads, plan.head_dim,
                        plan.v_head_dim, scale=plan.scale)
