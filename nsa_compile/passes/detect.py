@@ -15,9 +15,9 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
-from .find import (Call, Finding, SitePlan, _as_keep, canonical_qkv, find_manual_calls,
-                   find_sdpa_calls, is_scalar_like, keys_seen, matches, module_dropout,
-                   number_calls, pattern, repeated, to4d)
+from .find import (Call, Finding, SitePlan, canonical_qkv, find_manual_calls, find_sdpa_calls,
+                   is_scalar_like, keys_seen, mask_keep, matches, module_dropout, number_calls,
+                   pattern, repeated, to4d)
 from .graph import REPEAT_OPS, GraphValues, ancestors, in_call, tensor_val, user_input_deps
 
 
@@ -114,11 +114,12 @@ def rule_no_mask(call: Call, ctx: Context) -> Optional[MaskVerdict]:
     return None
 
 
-def _keep(call: Call, ctx: Context, values: Dict[fx.Node, Any]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+def _keep(call: Call, ctx: Context, values: Dict[fx.Node, Any]
+          ) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     keep = None
     for m in call.masks:
         value = values.get(m.node, m.node) if isinstance(m.node, fx.Node) else m.node
-        k, why = _as_keep(m, value, values)
+        k, why = mask_keep(m, value, values)
         if why:
             return None, why
         k = to4d(k)
@@ -219,7 +220,8 @@ MASK_RULES: List[Callable[[Call, Context], Optional[MaskVerdict]]] = [
     rule_is_causal_flag, rule_no_mask, rule_mask_values]
 
 
-def rule_attention_dropout(call: Call, ctx: Context, owner: nn.Module) -> Tuple[Optional[str], float]:
+def rule_attention_dropout(call: Call, ctx: Context, owner: nn.Module
+                           ) -> Tuple[Optional[str], float]:
     """Attention dropout that is active in training: GPT-2's attn_pdrop=0.1 (nn.Dropout on the
     probabilities), nanoGPT's dropout_p, Llama's attention_dropout."""
     p = max(call.dropout_p, module_dropout(owner))

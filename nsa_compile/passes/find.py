@@ -235,6 +235,8 @@ def find_manual_calls(graph: fx.Graph) -> List[Call]:
             continue
         q, k = qk.args[1][:2] if qk.target is aten.einsum.default else qk.args[:2]
         v = pv.args[1][1] if pv.target is aten.einsum.default else pv.args[1]
+        if any(len(_shape(x) or ()) < 3 for x in (q, k, v)):
+            continue  # a softmax over x @ W (a router, a classifier) is not attention
         key, path = common_owner([qk, node, pv])
         call = Call("manual", path, key, q, k, v, pv, qk=qk, masks=masks, scale_factors=factors,
                     dropout_p=p)
@@ -315,7 +317,8 @@ def einsum_pv_perms(eq: str) -> Tuple[List[int], List[int]]:
     return [b.index(c) for c in (b1, b2, tk, dv)], [canon.index(c) for c in out]
 
 
-def _as_keep(m: MaskOp, value: Any, values: Dict[fx.Node, Any]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+def mask_keep(m: MaskOp, value: Any, values: Dict[fx.Node, Any]
+              ) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     """The boolean keep-mask of one mask step, or a reason it is not a mask."""
     if not isinstance(value, torch.Tensor):
         return None, "a mask that is not a tensor"
@@ -405,7 +408,8 @@ def repeated(x: torch.Tensor, H: int, G: int, layout: str) -> bool:
 
 
 def is_scalar_like(value: Any) -> bool:
-    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor)
+                                               and value.numel() == 1)
 
 
 def module_dropout(module: nn.Module) -> float:

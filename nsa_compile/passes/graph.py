@@ -5,7 +5,6 @@ recognises the same calls at run time by their torch-function names. `OP_FAMILIE
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
@@ -129,9 +128,8 @@ def user_input_deps(graph: fx.Graph, user_inputs: Set[str]) -> Dict[fx.Node, Fro
             continue
         acc = empty
         for inp in node.all_input_nodes:
-            if tensor_val(inp) is not None or inp.op == "call_function" and inp.target is operator.getitem:
-                acc = acc | deps.get(inp, empty)
-            elif isinstance(inp.meta.get("val"), (tuple, list)):
+            # tensors and multi-output tuples carry values; SymInts only carry shapes
+            if isinstance(inp.meta.get("val"), (torch.Tensor, tuple, list)):
                 acc = acc | deps.get(inp, empty)
         deps[node] = acc
     return deps

@@ -163,7 +163,8 @@ class SiteMode(TorchFunctionMode):
             return self._finish_chain(func, args)
         if fam == "dropout":
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-            training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+            training = args[2] if len(args) > 2 else kwargs.get("training",
+                                                                 kwargs.get("train", True))
             _dropout_guard(self.plan, float(p), bool(training))
         if self.plan.external_mask:
             for m_fam, m_after, pos, how in self.plan.mask_ops:

@@ -129,7 +129,8 @@ class ZooAttention(nn.Module):
             how = s.gqa if s.gqa in ("repeat_kv", "repeat_interleave", "tile") else "repeat_kv"
             k, v = _repeat(k, G, how), _repeat(v, G, how)
         D = q.shape[-1]
-        scale = {"default": D ** -0.5, "explicit": 0.3, "div": D ** -0.5, "q": 1.0, "k": 1.0}[s.scale]
+        scale = {"default": D ** -0.5, "explicit": 0.3, "div": D ** -0.5, "q": 1.0,
+                 "k": 1.0}[s.scale]
         if s.scale == "q":
             q = q * D ** -0.5
         elif s.scale == "k":
