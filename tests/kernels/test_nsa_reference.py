@@ -243,7 +243,9 @@ def test_causality(config, T, data):
             x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3
         g2[:, :, t + 1:] = torch.rand_like(g2[:, :, t + 1:])
         out2 = nsa_attention(q2, k2, v2, config=config, gates=g2)
-    torch.testing.assert_close(out2[:, :, :t + 1], out[:, :, :t + 1], rtol=0, atol=0)
+    # fp64 rounding level, not exact: reductions over differently aligned copies may differ
+    # by an ulp; a causality leak moves outputs by O(1).
+    torch.testing.assert_close(out2[:, :, :t + 1], out[:, :, :t + 1], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:])
 
 
@@ -391,7 +393,7 @@ def test_gqa_group_outputs_ignore_unselected_keys():
         v2[b, h, outside] -= 5.0
         out2 = nsa_attention(q, k2, v2, config=cfg, k_cmp=kc)
         heads = slice(h * G, (h + 1) * G)
-        assert torch.equal(out2[b, heads, t], out[b, heads, t])
+        torch.testing.assert_close(out2[b, heads, t], out[b, heads, t], rtol=1e-12, atol=1e-12)
         inside = blocks[0] * lp
         k3 = k.clone()
         k3[b, h, inside] += 5.0
