@@ -178,23 +178,34 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     def bench(fn):
         return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
+    # Selection needs the compressed lse and the selected branch needs the block indices:
+    # both are produced lazily, only when a cache miss actually tunes those kernels.
+    made: Dict[str, Tensor] = {}
+
+    def lse() -> Tensor:
+        if "lse" not in made:
+            made["lse"] = run_cmp(launch(), chosen["cmp"])
+        return made["lse"]
+
+    def idx() -> Tensor:
+        if "idx" not in made:
+            made["idx"] = run_sel(launch(), chosen["sel"], lse())
+        return made["idx"]
+
+    def timer(run, *inputs):
+        return lambda c: (lambda args: bench(lambda: run(launch(), c, *args)))(
+            [make() for make in inputs])
+
+    runners = {"cmp": timer(run_cmp), "sel": timer(run_sel, lse), "slc": timer(run_slc, idx),
+               "win": timer(run_win)}
     kinds = [("cmp", params.needs_cmp), ("sel", params.has_slc), ("slc", params.has_slc),
              ("win", params.has_win)]
-    lse = idx = None
     for kind, present in kinds:
-        if not present:
-            continue
-        key = autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
-        if kind == "sel" and lse is None:
-            lse = run_cmp(launch(), chosen["cmp"])
-        if kind == "slc" and idx is None:
-            idx = run_sel(launch(), chosen["sel"], lse)
-        runner = {"cmp": lambda c: bench(lambda: run_cmp(launch(), c)),
-                  "sel": lambda c: bench(lambda: run_sel(launch(), c, lse)),
-                  "slc": lambda c: bench(lambda: run_slc(launch(), c, idx)),
-                  "win": lambda c: bench(lambda: run_win(launch(), c))}[kind]
-        chosen[kind] = autotune.pick(
-            name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem), runner)
+        if present:
+            key = autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
+            chosen[kind] = autotune.pick(
+                name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem),
+                runners[kind])
     return chosen
 
 

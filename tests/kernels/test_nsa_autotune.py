@@ -1,0 +1,100 @@
+"""The per-GPU autotune cache (SPEC §5): keys, atomic writes, stale/corrupt files, lookup order,
+and that a cache hit launches nothing."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from nsa_compile import NSAConfig, autotune
+from nsa_compile.kernels.nsa.params import NSAParams
+from nsa_compile.templates.nsa_configs import DEFAULTS, KernelConfig, candidates
+
+DEVICE = "NVIDIA Test GPU 80GB"
+NSA = (32, 16, 64, 16, 1, 2, 512)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSA_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_caches", {})
+    monkeypatch.setattr(autotune, "_shipped", {})
+    monkeypatch.setattr(autotune, "SHIPPED", tmp_path / "shipped")
+    return tmp_path
+
+
+def test_key_names_device_shapes_and_bucket():
+    key = autotune.shape_key("cmp", torch.bfloat16, 128, 64, 16, NSA, 5000)
+    assert key == "cmp|bfloat16|dk128|dv64|g16|nsa32-16-64-16-1-2-512|T8192"
+    assert autotune.length_bucket(1) == 1024 and autotune.length_bucket(1 << 20) == 1 << 17
+    assert autotune.device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+
+
+def test_tunes_once_saves_atomically_and_reloads(cache_dir):
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg)
+        return float(cfg.block_m)  # smaller tile = "faster"
+
+    key = autotune.shape_key("win", torch.float16, 64, 64, 4, NSA, 4096)
+    space = lambda: candidates("win", 4, 64, 64, 2)
+    got = autotune.pick(DEVICE, "win", key, space, bench)
+    assert got.block_m == min(c.block_m for c in space())
+    assert len(calls) == len(space())
+    again = autotune.pick(DEVICE, "win", key, space, bench)
+    assert again == got and len(calls) == len(space())  # cached: no re-tuning
+    data = json.loads((cache_dir / "nvidia_test_gpu_80gb.json").read_text())
+    assert data["header"]["device"] == DEVICE
+    assert data["header"]["source_hash"] == autotune.source_hash()
+    assert data["entries"][key] == got.to_dict()
+    assert not list(cache_dir.glob("*.tmp"))
+    fresh = autotune.TuneCache(DEVICE, cache_dir / "nvidia_test_gpu_80gb.json")
+    assert fresh.get(key) == got
+
+
+def test_corrupt_and_stale_files_are_ignored_with_a_warning(cache_dir):
+    path = cache_dir / "nvidia_test_gpu_80gb.json"
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        assert autotune.TuneCache(DEVICE, path).entries == {}
+    head = autotune.header(DEVICE)
+    head["source_hash"] = "0" * 16
+    path.write_text(json.dumps({"header": head, "entries": {"k|T1024": DEFAULTS["cmp"].to_dict()}}))
+    with pytest.warns(RuntimeWarning, match="stale"):
+        assert autotune.TuneCache(DEVICE, path).entries == {}
+
+
+def test_no_tuning_while_compiling_or_disabled(cache_dir, monkeypatch):
+    monkeypatch.setenv("NSA_COMPILE_AUTOTUNE", "0")
+    bench = lambda cfg: pytest.fail("must not tune")
+    key = autotune.shape_key("cmp", torch.float16, 64, 64, 4, NSA, 4096)
+    assert autotune.pick(DEVICE, "cmp", key, lambda: [], bench) == DEFAULTS["cmp"]
+    monkeypatch.setenv("NSA_COMPILE_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert autotune.pick(DEVICE, "cmp", key, lambda: [], bench) == DEFAULTS["cmp"]
+
+
+def test_nearest_bucket_and_shipped_defaults(cache_dir, monkeypatch):
+    monkeypatch.setenv("NSA_COMPILE_AUTOTUNE", "0")
+    shipped = autotune.shipped_cache(DEVICE)
+    tuned = KernelConfig(128, 32, 8, 3)
+    shipped.put(autotune.shape_key("win", torch.float16, 64, 64, 4, NSA, 16384), tuned)
+    near = autotune.shape_key("win", torch.float16, 64, 64, 4, NSA, 30000)
+    assert autotune.pick(DEVICE, "win", near, lambda: [], None) == tuned
+
+
+def test_cache_hit_launches_no_kernel(cache_dir, monkeypatch):
+    """Regression: the tuner's scratch runs (lse, block indices) must happen only on a miss."""
+    triton_fwd = pytest.importorskip("nsa_compile.kernels.nsa.triton_fwd")
+    q = torch.randn(1, 4, 256, 16)
+    k = torch.randn(1, 2, 256, 16)
+    p = NSAParams.from_config(NSAConfig(), 0.25)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: DEVICE)
+    cache = autotune.user_cache(DEVICE)
+    for kind in ("cmp", "sel", "slc", "win"):
+        cache.put(autotune.shape_key(kind, q.dtype, 16, 16, 2, NSA, 256), DEFAULTS[kind])
+    for name in ("run_cmp", "run_sel", "run_slc", "run_win"):
+        monkeypatch.setattr(triton_fwd, name, lambda *a, **kw: pytest.fail("launched a kernel"))
+    got = triton_fwd.tuned_configs(q, k, k, None, k[:, :, :15], k[:, :, :15], p)
+    assert got == {kind: DEFAULTS[kind] for kind in ("cmp", "sel", "slc", "win")}
