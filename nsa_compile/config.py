@@ -15,6 +15,15 @@ BRANCHES: Tuple[str, ...] = ("compressed", "selected", "window")
 COMPRESSORS: Tuple[str, ...] = ("mlp", "mean")
 
 
+def _from_dict(cls, data: dict):
+    """cls(**data), refusing keys that are not fields (a typo would otherwise vanish)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}; known: {sorted(fields)}")
+    return cls(**data)
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"NSAConfig.{name} must be a positive int, got {value!r}")
@@ -115,11 +124,7 @@ class NSAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "NSAConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"NSAConfig.from_dict: unknown fields {unknown}; known: {sorted(fields)}")
-        return cls(**data)
+        return _from_dict(cls, data)
 
 
 def _check_layers(layers: Sequence[int]) -> Tuple[int, ...]:
@@ -185,8 +190,4 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EngramConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"EngramConfig.from_dict: unknown fields {unknown}; known: {sorted(fields)}")
-        return cls(**data)
+        return _from_dict(cls, data)
