@@ -33,6 +33,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _commit() -> str:
+    if os.environ.get("NSA_COMMIT"):
+        return os.environ["NSA_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
                                        cwd=os.path.dirname(__file__), text=True,
