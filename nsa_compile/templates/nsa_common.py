@@ -21,21 +21,6 @@ def gqa_rows(t0, h, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constex
 
 
 @triton.jit
-def tile_start(Q, sq_b, sq_h, sq_t, sq_d, T, H: tl.constexpr, G: tl.constexpr,
-               G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, DK: tl.constexpr,
-               DK_PAD: tl.constexpr):
-    """The program's (batch, KV head, first position), its rows and their queries (M, DK_PAD)
-    for a grid of (query tiles, B * H)."""
-    t0 = tl.program_id(0) * BLOCK_T
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
-    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
-    return t0, b, h, tok, hq, ok, q
-
-
-@triton.jit
 def load_rows(ptr, b, hq, tok, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl.constexpr):
     """x[b, hq, tok, :] for each row -> (rows, D_PAD); 64-bit offsets."""
     d = tl.arange(0, D_PAD)

@@ -5,8 +5,8 @@ separate combine pass."""
 import triton
 import triton.language as tl
 
-from .nsa_common import (LOG2E, finish_softmax, gated_store, load_keys, monotone_bits,
-                         online_softmax_step, pack_key, tile_start, unpack_index)
+from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, load_keys, load_rows,
+                         monotone_bits, online_softmax_step, pack_key, unpack_index)
 
 
 @triton.jit
@@ -23,8 +23,12 @@ def nsa_cmp_fwd_kernel(
     the gated o_cmp (when the branch is present) and the lse that selection needs.
     LSE: (B, HQ, T) fp32, +inf where no compressed block is visible yet.
     """
-    t0, b, h, tok, hq, ok, q = tile_start(Q, sq_b, sq_h, sq_t, sq_d, T, H, G, G_PAD, BLOCK_T,
-                                          DK, DK_PAD)
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     qk_scale = scale * LOG2E
     last = t0 + BLOCK_T - 1
     # Compressed blocks visible to the tile's last query: i*d + l - 1 <= last (<= 0: none).
@@ -67,8 +71,12 @@ def nsa_select_kernel(
     and merges each chunk into a running top-n held as packed int64 keys — no (T x Tc) matrix
     leaves the chip. IDX: (B, H, T, N_PAD) int32, -1 where fewer blocks exist.
     """
-    t0, b, h, tok, hq, ok, q = tile_start(Q, sq_b, sq_h, sq_t, sq_d, T, H, G, G_PAD, BLOCK_T,
-                                          DK, DK_PAD)
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     qk_scale = scale * LOG2E
     last = t0 + BLOCK_T - 1
     lse = tl.load(LSE + (b * H * G + hq).to(tl.int64) * T + tok, mask=ok, other=float("inf"))
@@ -134,8 +142,12 @@ def nsa_slc_fwd_kernel(
         SLOT: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Selected-block attention for one (batch, KV head, query position): the G query heads of
     the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
-    t, b, h, tok, hq, ok, q = tile_start(Q, sq_b, sq_h, sq_t, sq_d, T, H, G, G_PAD, 1, DK,
-                                         DK_PAD)
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     qk_scale = scale * LOG2E
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -171,8 +183,12 @@ def nsa_win_fwd_kernel(
         ACCUMULATE: tl.constexpr):
     """Sliding-window (WINDOW == 0: full causal) attention for one (batch, KV head, query
     tile): keys in (t - window, t]."""
-    t0, b, h, tok, hq, ok, q = tile_start(Q, sq_b, sq_h, sq_t, sq_d, T, H, G, G_PAD, BLOCK_T,
-                                          DK, DK_PAD)
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
