@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels.nsa.naive import compressed_blocks
+from ..kernels.nsa.naive import compressed_blocks, mean_pool
 
 
 class Compressor(nn.Module):
@@ -33,10 +33,10 @@ class Compressor(nn.Module):
             raise ValueError(f"Compressor kind={kind!r}: use 'mlp' or 'mean'")
 
     def forward(self, x: Tensor) -> Tensor:
-        blocks = compressed_blocks(x, self.block, self.stride)  # (B, H, Tc, l, D)
-        mean = blocks.mean(dim=3)
+        mean = mean_pool(x, self.block, self.stride)
         if self.kind == "mean":
             return mean
+        blocks = compressed_blocks(x, self.block, self.stride)  # (B, H, Tc, l, D)
         flat = (blocks + self.pos.to(blocks.dtype)).flatten(-2)
         return mean + self.fc2(nn.functional.gelu(self.fc1(flat)))
 
