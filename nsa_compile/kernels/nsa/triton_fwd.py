@@ -153,6 +153,18 @@ def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     return ForwardResult(o, lse_cmp if params.has_cmp else None, lse_slc, lse_win, idx)
 
 
+def shape_keys(q: Tensor, k: Tensor, v: Tensor, params: NSAParams) -> Dict[str, str]:
+    """The autotune cache key of each kernel a call runs, by kind ("cmp", "sel", "slc", "win")."""
+    _, HQ, T, DK = q.shape
+    H, DV = k.shape[1], v.shape[-1]
+    nsa = (params.compress_block, params.compress_stride, params.select_block,
+           params.select_count, params.select_initial, params.select_local, params.window)
+    kinds = [("cmp", params.needs_cmp), ("sel", params.has_slc), ("slc", params.has_slc),
+             ("win", params.has_win)]
+    return {kind: autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
+            for kind, present in kinds if present}
+
+
 def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                   k_cmp: Optional[Tensor], v_cmp: Optional[Tensor],
                   params: NSAParams) -> Dict[str, KernelConfig]:
@@ -160,10 +172,8 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     from triton.testing import do_bench
 
     name = torch.cuda.get_device_name(q.device)
-    B, HQ, T, DK = q.shape
+    HQ, DK = q.shape[1], q.shape[-1]
     H, DV = k.shape[1], v.shape[-1]
-    nsa = (params.compress_block, params.compress_stride, params.select_block,
-           params.select_count, params.select_initial, params.select_local, params.window)
     elem = q.element_size()
     chosen: Dict[str, KernelConfig] = {}
     scratch = None
@@ -198,14 +208,10 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
 
     runners = {"cmp": timer(run_cmp), "sel": timer(run_sel, lse), "slc": timer(run_slc, idx),
                "win": timer(run_win)}
-    kinds = [("cmp", params.needs_cmp), ("sel", params.has_slc), ("slc", params.has_slc),
-             ("win", params.has_win)]
-    for kind, present in kinds:
-        if present:
-            key = autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
-            chosen[kind] = autotune.pick(
-                name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem),
-                runners[kind])
+    for kind, key in shape_keys(q, k, v, params).items():
+        chosen[kind] = autotune.pick(
+            name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem),
+            runners[kind])
     return chosen
 
 
