@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Optional, Sequence, TextIO, Tuple
 
 PROG = "nsa-compile"
 

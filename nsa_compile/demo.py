@@ -20,7 +20,8 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import (Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import torch
 from torch import Tensor, nn
@@ -287,7 +288,7 @@ def _ms(seconds: Sequence[float]) -> str:
 def write_report(path: Path, *, command: str, setup: Setup, quick: bool, device: torch.device,
                  corpus: Corpus,
                  base: nn.Module, found: Report, equiv: Tuple[float, float], runs: List[Run],
-                 timings: Optional[List[Dict[str, float]]], pngs: Dict[str, str],
+                 timings: Union[None, str, List[Dict[str, float]]], pngs: Dict[str, str],
                  seconds: float) -> Path:
     vers = versions()
     params = sum(p.numel() for p in base.parameters())
@@ -342,7 +343,10 @@ def write_report(path: Path, *, command: str, setup: Setup, quick: bool, device:
                   "the PyTorch reference (Triton backward kernels are not written yet)."]
     if "loss" in pngs:
         lines += ["", f"![loss curves]({pngs['loss']})"]
-    if timings:
+    if isinstance(timings, str):
+        lines += ["", "## Attention time against sequence length", "",
+                  f"The timing sweep failed: `{timings}`."]
+    elif timings:
         lines += [
             "", "## Attention time against sequence length", "",
             f"`nsa_compile.ops.nsa_attention` with the default `NSAConfig()` (all three "
@@ -400,11 +404,16 @@ def run(setup: Setup, out: Path, device: torch.device, *, quick: bool, echo: Ech
         try:
             timings = bench.attention_times(device, lengths,
                                             on_length=lambda T: bar.update(1, f"T={T}"))
+        except Exception as exc:  # out of memory, a kernel failing to compile, ...
+            # The training results are worth the report even when the sweep fails.
+            timings = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            echo(f"attention timing failed ({timings}); the report says so")
         finally:
             bar.close()
-        pngs["times"] = plots.times_vs_length(
-            out / "attention_time.png", timings,
-            f"{torch.cuda.get_device_name(device)}, bf16, 32/8 heads, D={bench.D}").name
+        if not isinstance(timings, str):
+            pngs["times"] = plots.times_vs_length(
+                out / "attention_time.png", timings,
+                f"{torch.cuda.get_device_name(device)}, bf16, 32/8 heads, D={bench.D}").name
     report = write_report(out / "report.md", command=command, setup=setup, quick=quick,
                           device=device, corpus=corpus, base=base, found=found,
                           equiv=(err, scale), runs=runs, timings=timings, pngs=pngs,
