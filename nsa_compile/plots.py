@@ -56,6 +56,16 @@ def loss_curves(path: Path, train: Mapping[str, Sequence[float]],
     return path
 
 
+def _log_log_axes(ax, ylabel: str, title: str) -> None:
+    """Time against sequence length, both on log scales, with the legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+
+
 def times_vs_length(path: Path, rows: Sequence[Dict[str, float]], title: str) -> Path:
     """rows: {T, dense_fwd, dense_fwd_bwd, nsa_fwd, nsa_fwd_bwd} in ms (bench.attention_times)."""
     fig, axes = _figure(2)
@@ -64,12 +74,7 @@ def times_vs_length(path: Path, rows: Sequence[Dict[str, float]], title: str) ->
         for n, name in enumerate(("dense", "nsa")):
             ax.plot(ts, [r[f"{name}_{part}"] for r in rows], marker="o", color=f"C{n}",
                     label="dense SDPA" if name == "dense" else "NSA (nsa_compile)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"{label}\n{title}", fontsize=9)
-        ax.legend(fontsize=8)
+        _log_log_axes(ax, "ms (median)", f"{label}\n{title}")
     fig.savefig(path)
     return path
 
@@ -87,11 +92,6 @@ def kernel_table(path: Path, rows: Sequence[Dict[str, object]], title: str) -> P
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", color=f"C{n}", label=labels[impl])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("forward ms (median)")
-        ax.set_title(f"HQ/H = {HQ}/{H}\n{title}", fontsize=9)
-        ax.legend(fontsize=8)
+        _log_log_axes(ax, "forward ms (median)", f"HQ/H = {HQ}/{H}\n{title}")
     fig.savefig(path)
     return path
