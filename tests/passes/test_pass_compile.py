@@ -57,6 +57,16 @@ NAMES = ["nanogpt-flash", "nanogpt-manual", "zoo-einsum-tile-padding"] + \
     [f"{f}-{impl}" for f in FAMILIES for impl in ("sdpa", "eager")]
 
 
+def _compiled_three_times(model, args, kwargs, get, backend):
+    """Output of the third call of torch.compile(fullgraph=True); asserts one compiled frame."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for _ in range(3):
+        out = get(compiled(*args, **kwargs))
+    assert counter.frame_count == 1
+    return out
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fullgraph_no_breaks_no_recompiles(name):
     model, args, kwargs, get = _sparsified(name)
@@ -64,11 +74,7 @@ def test_fullgraph_no_breaks_no_recompiles(name):
     explain = torch._dynamo.explain(model)(*args, **kwargs)
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
-    for _ in range(3):
-        out = get(compiled(*args, **kwargs))
-    assert counter.frame_count == 1
+    out = _compiled_three_times(model, args, kwargs, get, "aot_eager")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -80,11 +86,7 @@ def test_inductor_matches_eager_with_gradients(name):
     ref.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".nsa." in n}
     model.zero_grad()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
-    for _ in range(3):
-        out = get(compiled(*args, **kwargs))
-    assert counter.frame_count == 1
+    out = _compiled_three_times(model, args, kwargs, get, "inductor")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     model.zero_grad()
     out.square().mean().backward()

@@ -66,10 +66,15 @@ class _Launch:
         self.fixed = list(self.params.fixed_gates) or [1.0] * self.params.num_branches
         self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
                            DV_PAD=_pow2(DV, 16), HAS_GATES=self.gates is not None)
-        gs = self.gates.stride() if self.gates is not None else (0, 0, 0, 0)
-        self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(), *gs,
-                        *self.o.stride())
+        self.gate_strides = self.gates.stride() if self.gates is not None else (0, 0, 0, 0)
+        self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(),
+                        *self.gate_strides, *self.o.stride())
         self.n_pad = _pow2(self.params.select_count)
+
+    def tile(self, cfg: KernelConfig):
+        """(G_PAD, BLOCK_T): the padded group and the positions per program of cfg.block_m rows."""
+        g_pad = _pow2(self.G)
+        return g_pad, max(1, cfg.block_m // g_pad)
 
     def lse(self) -> Tensor:
         return torch.empty(self.B, self.H * self.G, self.T, device=self.q.device,
@@ -79,13 +84,12 @@ class _Launch:
 def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
     """Compressed branch: writes the gated o_cmp into a.o (when present); returns its lse."""
     p = a.params
-    g_pad = _pow2(a.G)
-    block_t = max(1, cfg.block_m // g_pad)
+    g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
     nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k_cmp, vc, a.gates, a.o, lse,
-        *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.strides[12:16], *a.o.stride(),
+        *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.gate_strides, *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, HAS_CMP=p.has_cmp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
@@ -95,8 +99,7 @@ def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
 def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
     """Top-n selection from the compressed-branch lse: returns block_idx (B, H, T, N_PAD)."""
     p = a.params
-    g_pad = _pow2(a.G)
-    block_t = max(1, cfg.block_m // g_pad)
+    g_pad, block_t = a.tile(cfg)
     idx = torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
     nsa_select_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k_cmp, lse, idx, *a.q.stride(), *a.k_cmp.stride(), a.T, a.k_cmp.shape[2],
@@ -123,8 +126,7 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
 def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
     p = a.params
     slot = p.gate_slot("window")
-    g_pad = _pow2(a.G)
-    block_t = max(1, cfg.block_m // g_pad)
+    g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k, a.v, a.gates, a.o, lse, *a.strides, a.T, p.scale, a.fixed[slot],
