@@ -1,4 +1,4 @@
-"""NSA forward speed against dense SDPA, FlexAttention (window 512) and fla-core's NSA.
+"""NSA forward and forward+backward speed against dense SDPA, FlexAttention (window 512) and fla-core's NSA.
 
 Run on a GPU (one device call): python benchmarks/bench_nsa.py [--ts 8192,16384] [--only ours]
 All numbers come from this one run; prints a markdown table last and writes JSON to $OUT.
@@ -33,13 +33,15 @@ def main():
             continue
         rows.append(row)
         print(f"{name:6s} HQ={HQ} H={H} T={T:6d} fwd={row['fwd_ms']:8.3f} ms "
-              f"mem={row['peak_MiB']} ({time.time() - t0:.0f}s)", flush=True)
+              f"fwd+bwd={row['fwd_bwd_ms']:8.3f} ms mem={row['peak_MiB']} "
+              f"({time.time() - t0:.0f}s)", flush=True)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "bench_nsa.json"), "w") as fh:
             json.dump(dict(header=head, rows=rows), fh, indent=1)
-    print()
-    print(bench.table(head, rows))
+    for metric in bench.METRICS:
+        print()
+        print(bench.table(head, rows, metric))
 
 
 if __name__ == "__main__":

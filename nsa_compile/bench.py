@@ -1,7 +1,7 @@
 """Benchmarks of the NSA op, shared by `nsa-compile bench`, the demo and benchmarks/bench_nsa.py.
 
 `cases` + `measure`: the kernel table (SPEC §6 shapes: bf16, B=1, D=128, HQ/H = 64/4 and 32/8,
-NSA defaults) of our forward against dense SDPA, FlexAttention (window 512) and fla-core's NSA;
+NSA defaults) of our forward and forward+backward against dense SDPA, FlexAttention (window 512) and fla-core's NSA;
 CUDA and Triton only. Ours runs all three branches with learned-style gates and mean-pooled
 compressed keys (computed inside the timed region, as fla does); fla runs compression +
 selection, no window. `attention_times`: forward and forward+backward of dense attention and
@@ -58,49 +58,68 @@ def peak(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def dense(HQ: int, H: int, T: int) -> Tuple[float, Optional[float]]:
-    """The faster of SDPA with enable_gqa (auto backend) and cuDNN SDPA on expanded K/V."""
+def _timings(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
+             memory: bool = False) -> Tuple[float, float, Optional[float]]:
+    """(forward ms without autograd, forward+backward ms, forward peak MiB or None)."""
+    with torch.no_grad():
+        fwd = ms(fn)
+        mem = peak(fn) if memory else None
+    grad = torch.randn_like(fn())
+    return fwd, ms(lambda: torch.autograd.grad(fn(), leaves, grad)), mem
+
+
+def _grad(*xs: torch.Tensor) -> List[torch.Tensor]:
+    return [x.requires_grad_() for x in xs]
+
+
+def dense(HQ: int, H: int, T: int) -> Tuple[float, float, Optional[float]]:
+    """The faster of SDPA with enable_gqa (auto backend) and cuDNN SDPA on expanded K/V (taken
+    as given: the expansion and its gradient's reduction are not timed)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    q, k, v = inputs(HQ, H, T)
-    best = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    q, k, v = _grad(*inputs(HQ, H, T))
+    best = _timings(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                            enable_gqa=True), (q, k, v))
     try:
-        ke, ve = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
+        ke, ve = _grad(k.detach().repeat_interleave(HQ // H, 1),
+                       v.detach().repeat_interleave(HQ // H, 1))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            best = min(best, ms(lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)))
+            cudnn = _timings(lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True),
+                             (q, ke, ve))
+        best = tuple(min(a, b) for a, b in zip(best[:2], cudnn[:2])) + (None,)
         del ke, ve
     except RuntimeError:  # no cuDNN attention for this shape or build: keep the SDPA time
         pass
-    return best, None
+    return best
 
 
-def flex(HQ: int, H: int, T: int, W: int = 512) -> Tuple[float, Optional[float]]:
+def flex(HQ: int, H: int, T: int, W: int = 512) -> Tuple[float, float, Optional[float]]:
     """FlexAttention with a sliding-window block mask (one NSA branch only)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     fa = torch.compile(flex_attention)
     bm = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), None, None, T, T,
                            device="cuda")
-    q, k, v = inputs(HQ, H, T)
-    return ms(lambda: fa(q, k, v, block_mask=bm, enable_gqa=True)), None
+    q, k, v = _grad(*inputs(HQ, H, T))
+    return _timings(lambda: fa(q, k, v, block_mask=bm, enable_gqa=True), (q, k, v))
 
 
-def fla(HQ: int, H: int, T: int) -> Tuple[float, Optional[float]]:
+def fla(HQ: int, H: int, T: int) -> Tuple[float, float, Optional[float]]:
     """fla-core's parallel_nsa: compressed + selected branches, gates given, no window."""
     from fla.ops.nsa import parallel_nsa
-    q, k, v = inputs(HQ, H, T, "bthd")
-    g = [torch.rand(1, T, HQ, device="cuda", dtype=DT) for _ in range(2)]
+    q, k, v = _grad(*inputs(HQ, H, T, "bthd"))
+    g = _grad(*(torch.rand(1, T, HQ, device="cuda", dtype=DT) for _ in range(2)))
     f = lambda: parallel_nsa(q, k, v, g_cmp=g[0], g_slc=g[1], block_counts=16, block_size=64,
                              window_size=0)
-    return ms(f), peak(f)
+    return _timings(f, (q, k, v, *g), memory=True)
 
 
-def ours(HQ: int, H: int, T: int) -> Tuple[float, Optional[float]]:
+def ours(HQ: int, H: int, T: int) -> Tuple[float, float, Optional[float]]:
     """nsa_attention, all three branches, NSA defaults, autotuned block sizes."""
-    q, k, v = inputs(HQ, H, T)
-    gates = torch.rand(1, HQ, T, 3, device="cuda", dtype=DT)
+    q, k, v, gates = _grad(*inputs(HQ, H, T), torch.rand(1, HQ, T, 3, device="cuda", dtype=DT))
     cfg = NSAConfig()
     f = lambda: nsa_attention(q, k, v, config=cfg, gates=gates)
-    f()  # tunes this shape's bucket on a cache miss
-    return ms(f), peak(f)
+    # tunes this shape's bucket, forward and backward, on a cache miss
+    torch.autograd.grad(f(), (q, k, v, gates), torch.randn(q.shape, device="cuda", dtype=DT))
+    return _timings(f, (q, k, v, gates), memory=True)
 
 
 MEASURE = dict(dense=dense, flex=flex, fla=fla, ours=ours)
@@ -114,10 +133,11 @@ def cases(lengths: Iterable[int] = LENGTHS, impls: Iterable[str] = IMPLS,
 
 
 def measure(name: str, HQ: int, H: int, T: int) -> Dict[str, object]:
-    """One row of the table: {impl, HQ, H, T, fwd_ms, peak_MiB}; raises if the impl fails."""
-    fwd, mem = MEASURE[name](HQ, H, T)
+    """One row of the tables: {impl, HQ, H, T, fwd_ms, fwd_bwd_ms, peak_MiB (forward)};
+    raises if the impl fails."""
+    fwd, fwd_bwd, mem = MEASURE[name](HQ, H, T)
     torch.cuda.empty_cache()
-    return dict(impl=name, HQ=HQ, H=H, T=T, fwd_ms=fwd, peak_MiB=mem)
+    return dict(impl=name, HQ=HQ, H=H, T=T, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, peak_MiB=mem)
 
 
 def commit() -> str:
@@ -140,20 +160,27 @@ def header() -> Dict[str, str]:
                 triton=triton.__version__, commit=commit())
 
 
-def table(head: Dict[str, str], rows: Sequence[Dict[str, object]]) -> str:
-    """The markdown table of benchmarks/RESULTS.md, "-" where an impl did not run."""
+METRICS = {"fwd_ms": "forward ms", "fwd_bwd_ms": "forward+backward ms"}
+
+
+def table(head: Dict[str, str], rows: Sequence[Dict[str, object]],
+          metric: str = "fwd_ms") -> str:
+    """The markdown table of benchmarks/RESULTS.md for one metric of METRICS, "-" where an
+    impl did not run."""
     lines = [f"{head['gpu']} | torch {head['torch']} | triton {head['triton']} | "
-             f"commit {head['commit']} | bf16 B=1 D={D}, forward ms",
+             f"commit {head['commit']} | bf16 B=1 D={D}, {METRICS[metric]}",
              "| HQ/H | T | dense | flex w512 | fla cmp+slc | ours (3 branches) | ours vs dense | "
-             "ours vs fla | ours peak MiB |",
+             "ours vs fla | ours fwd peak MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["HQ"], r["H"], r["T"]) for r in rows}, key=lambda x: (-x[0], x[2]))
     for HQ, H, T in keys:
-        get = {r["impl"]: r for r in rows if (r["HQ"], r["H"], r["T"]) == (HQ, H, T)}
-        f = lambda n: f"{get[n]['fwd_ms']:.2f}" if n in get else "-"
-        ratio = lambda a, b: (f"{get[a]['fwd_ms'] / get[b]['fwd_ms']:.2f}x"
+        get = {r["impl"]: r for r in rows
+               if (r["HQ"], r["H"], r["T"]) == (HQ, H, T) and r.get(metric) is not None}
+        f = lambda n: f"{get[n][metric]:.2f}" if n in get else "-"
+        ratio = lambda a, b: (f"{get[a][metric] / get[b][metric]:.2f}x"
                               if a in get and b in get else "-")
-        mem = f"{get['ours']['peak_MiB']:.0f}" if "ours" in get else "-"
+        mem = (f"{get['ours']['peak_MiB']:.0f}"
+               if get.get("ours", {}).get("peak_MiB") is not None else "-")
         lines.append(f"| {HQ}/{H} | {T} | {f('dense')} | {f('flex')} | {f('fla')} | {f('ours')} "
                      f"| {ratio('dense', 'ours')} | {ratio('fla', 'ours')} | {mem} |")
     return "\n".join(lines)

@@ -246,13 +246,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"{_one_line(exc)[:300]}", file=sys.stderr)
         bar.update(1, f"{name} {HQ}/{H} T={T}")
     bar.close()
-    table = bench.table(head, rows)
-    print("\n" + table)
-    (out / "bench.md").write_text(table + "\n")
+    tables = "\n\n".join(bench.table(head, rows, metric) for metric in bench.METRICS)
+    print("\n" + tables)
+    (out / "bench.md").write_text(tables + "\n")
     (out / "bench.json").write_text(json.dumps(dict(header=head, rows=rows), indent=1))
-    png = plots.kernel_table(out / "bench.png", rows,
-                             f"{head['gpu']}, bf16, B=1, D={bench.D}, commit {head['commit']}")
-    print(f"\nwrote {out / 'bench.md'}, {out / 'bench.json'}, {png}")
+    title = f"{head['gpu']}, bf16, B=1, D={bench.D}, commit {head['commit']}"
+    plotted = (("bench.png", "fwd_ms"), ("bench_fwd_bwd.png", "fwd_bwd_ms"))
+    pngs = [plots.kernel_table(out / name, rows, title, metric) for name, metric in plotted]
+    print(f"\nwrote {out / 'bench.md'}, {out / 'bench.json'}, {', '.join(map(str, pngs))}")
     return 0
 
 
@@ -284,8 +285,9 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     cache, shipped = autotune.user_cache(name), autotune.shipped_cache(name)
-    print(f"Tuning NSA forward block sizes on {name}: {args.dtype}, {args.heads} query / "
-          f"{args.kv_heads} KV heads, head dim {args.head_dim}, NSAConfig({config.to_dict()})")
+    print(f"Tuning NSA forward and backward block sizes on {name}: {args.dtype}, "
+          f"{args.heads} query / {args.kv_heads} KV heads, head dim {args.head_dim}, "
+          f"NSAConfig({config.to_dict()})")
     bar = Progress(len(args.seq_lens), "autotune")
     rows = []
     for T in args.seq_lens:
@@ -298,7 +300,10 @@ def cmd_autotune(args: argparse.Namespace) -> int:
         v_cmp = mean_pool(v, l, d) if params.has_cmp else None
         known = set(cache.entries)
         chosen = triton_fwd.tuned_configs(q, k, v, gates, k_cmp, v_cmp, params)
-        for kind, key in triton_fwd.shape_keys(q, k, v, params).items():
+        chosen.update(_tune_backward(q, k, v, gates, k_cmp, v_cmp, params, chosen))
+        keys = {**triton_fwd.shape_keys(q, k, v, params),
+                **triton_fwd.shape_keys(q, k, v, params, backward=True)}
+        for kind, key in keys.items():
             source = ("cached" if key in known else "tuned now" if key in cache.entries
                       else "shipped" if shipped.get(key) is not None else "default")
             rows.append((T, autotune.length_bucket(T), kind, chosen[kind], source))
@@ -317,6 +322,19 @@ def cmd_autotune(args: argparse.Namespace) -> int:
           f"{'' if shipped.path.exists() else ' (none for this GPU)'}")
     print("Set NSA_COMPILE_CACHE_DIR to keep the cache elsewhere.")
     return 0
+
+
+def _tune_backward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs):
+    """The backward kernels' block sizes, tuned on the residuals of one saved forward."""
+    import torch
+    from .kernels.nsa import triton_bwd, triton_fwd
+    res = triton_fwd.nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs,
+                                 save=True)
+    lse = torch.stack([x for x in (res.lse_cmp, res.lse_slc, res.lse_win) if x is not None])
+    do = torch.randn_like(res.o)
+    delta = triton_bwd.branch_deltas(do, res.branch_out)
+    return triton_bwd.tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta,
+                                    res.block_idx)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any of dense,flex,fla,ours (default: all)")
     p.add_argument("--quick", action="store_true", help="two lengths only")
     p.add_argument("--out", default="nsa-compile-bench", metavar="DIR",
-                   help="directory for bench.md, bench.json and bench.png (default: %(default)s)")
+                   help="directory for bench.md, bench.json and the plots bench.png (forward), "
+                   "bench_fwd_bwd.png (default: %(default)s)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("autotune", parents=[common], help="tune this GPU's kernel cache",

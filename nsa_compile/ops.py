@@ -70,8 +70,11 @@ def nsa_attention(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
             v_cmp = None
     else:
         k_cmp = v_cmp = None
+    # The forward keeps what the fast backward reads only when a gradient will be asked for.
+    save = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, gates, k_cmp, v_cmp))
     return _op.nsa_fwd(
         q, k, v, gates, k_cmp, v_cmp, params.compress_block, params.compress_stride,
         params.select_block, params.select_count, params.select_initial, params.select_local,
         params.window, [params.has_cmp, params.has_slc, params.has_win],
-        list(params.fixed_gates), params.scale)
+        list(params.fixed_gates), params.scale, save)[0]

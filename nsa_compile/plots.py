@@ -79,19 +79,22 @@ def times_vs_length(path: Path, rows: Sequence[Dict[str, float]], title: str) ->
     return path
 
 
-def kernel_table(path: Path, rows: Sequence[Dict[str, object]], title: str) -> Path:
-    """rows of bench.measure: forward ms against T, one panel per HQ/H, one line per impl."""
+def kernel_table(path: Path, rows: Sequence[Dict[str, object]], title: str,
+                 metric: str = "fwd_ms") -> Path:
+    """rows of bench.measure: `metric` (forward or forward+backward ms) against T, one panel
+    per HQ/H, one line per impl."""
     groups = sorted({(r["HQ"], r["H"]) for r in rows}, reverse=True)
     fig, axes = _figure(max(1, len(groups)))
     labels = dict(dense="dense SDPA", flex="FlexAttention window 512", fla="fla NSA cmp+slc",
                   ours="ours (3 branches)")
     for ax, (HQ, H) in zip(axes, groups):
         for n, impl in enumerate(labels):
-            pts = sorted((r["T"], r["fwd_ms"]) for r in rows
-                         if r["impl"] == impl and (r["HQ"], r["H"]) == (HQ, H))
+            pts = sorted((r["T"], r[metric]) for r in rows if r["impl"] == impl
+                         and (r["HQ"], r["H"]) == (HQ, H) and r.get(metric) is not None)
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", color=f"C{n}", label=labels[impl])
-        _log_log_axes(ax, "forward ms (median)", f"HQ/H = {HQ}/{H}\n{title}")
+        label = {"fwd_ms": "forward", "fwd_bwd_ms": "forward+backward"}[metric]
+        _log_log_axes(ax, f"{label} ms (median)", f"HQ/H = {HQ}/{H}\n{title}")
     fig.savefig(path)
     return path

@@ -53,6 +53,43 @@ def selected_output(q, k, v, block_idx, params: NSAParams, chunk: int = 256):
         vv = vv.view(B, H, len(t), -1, v.shape[-1])
         qg = q[:, :, t0:t0 + chunk].double().view(B, H, HQ // H, len(t), -1)
         s = torch.einsum("bhgcd,bhckd->bhgck", qg, kk) * params.scale
-        p = naive.masked_softmax(s, mask[:, :, None])
+        # out of place (differentiable): rows with no visible key give zeros
+        s = torch.where(mask[:, :, None], s, -torch.inf)
+        p = torch.softmax(s, -1).nan_to_num(0.0)
         out.append(torch.einsum("bhgck,bhckd->bhgcd", p, vv).flatten(1, 2))
     return torch.cat(out, dim=2)
+
+
+def gradients(grad_out, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, block_idx=None):
+    """fp64 (dq, dk, dv, dgates, dk_cmp, dv_cmp) of the op given the kernel's block choice
+    (block_idx (B, H, T, n) when the selected branch runs): the other branches through the
+    reference backward, the selected one by autograd through `selected_output`."""
+    dd = lambda x: None if x is None else x.detach().double()
+    q, k, v, gates, k_cmp, v_cmp, do = map(dd, (q, k, v, gates, k_cmp, v_cmp, grad_out))
+    if not params.has_slc:
+        return naive.nsa_attention_backward_ref(do, q, k, v, gates, k_cmp, v_cmp, params)
+    slot = params.gate_slot("selected")
+    others = [i for i in range(params.num_branches) if i != slot]
+    rest = params._replace(has_slc=False, fixed_gates=tuple(
+        params.fixed_gates[i] for i in others) if params.fixed_gates else ())
+    grads = [torch.zeros_like(x) if x is not None else None
+             for x in (q, k, v, gates, k_cmp, v_cmp)]
+    if rest.num_branches:
+        g_rest = None if gates is None else gates[..., others]
+        part = naive.nsa_attention_backward_ref(do, q, k, v, g_rest, k_cmp,
+                                                v_cmp if rest.has_cmp else None, rest)
+        for i, g in enumerate(part):
+            if g is None:
+                continue
+            if i == 3:
+                grads[3][..., others] = g
+            else:
+                grads[i] += g
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_sel = selected_output(*leaves, block_idx, params)
+    w = gates[..., slot:slot + 1] if gates is not None else params.fixed_gates[slot]
+    for i, g in enumerate(torch.autograd.grad(o_sel, leaves, do * w)):
+        grads[i] += g
+    if gates is not None:
+        grads[3][..., slot] = (do * o_sel.detach()).sum(-1)
+    return tuple(grads)

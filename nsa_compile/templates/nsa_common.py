@@ -62,23 +62,40 @@ def finish_softmax(m_i, l_i, acc):
 
 
 @triton.jit
-def gated_store(O, o, b, hq, tok, ok, s_b, s_h, s_t, s_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                gate_fixed, DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
-                SLOT: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """O[b, hq, tok] (+)= g * o, with g the learned gate of branch SLOT or the fixed weight."""
-    d = tl.arange(0, DV_PAD)
+def load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_fixed,
+              HAS_GATES: tl.constexpr, SLOT: tl.constexpr):
+    """Each row's weight of branch SLOT: the learned gate, or the fixed weight."""
     if HAS_GATES:
         goff = b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h + tok.to(tl.int64) * sg_t + SLOT * sg_c
-        g = tl.load(GATES + goff, mask=ok, other=0.0).to(tl.float32)
-        o = o * g[:, None]
-    else:
-        o = o * gate_fixed
-    off = b.to(tl.int64) * s_b + hq.to(tl.int64)[:, None] * s_h + tok.to(tl.int64)[:, None] * s_t
-    ptrs = O + off + d[None, :] * s_d
-    mask = ok[:, None] & (d[None, :] < DV)
+        return tl.load(GATES + goff, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, gate_fixed, 0.0).to(tl.float32)
+
+
+@triton.jit
+def store_rows(ptr, x, b, hq, tok, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl.constexpr,
+               ACCUMULATE: tl.constexpr):
+    """ptr[b, hq, tok, :] (+)= x for each row, in ptr's dtype (the sum in fp32); hq may be one
+    head for all rows (then tok lists key positions)."""
+    d = tl.arange(0, D_PAD)
+    row = b.to(tl.int64) * s_b + hq.to(tl.int64) * s_h + tok.to(tl.int64) * s_t
+    ptrs = ptr + row[:, None] + d[None, :] * s_d
+    mask = ok[:, None] & (d[None, :] < D)
     if ACCUMULATE:
-        o += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, o.to(O.dtype.element_ty), mask=mask)
+        x += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gated_store(O, OB, o, b, hq, tok, ok, s_b, s_h, s_t, s_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
+                SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
+    """O[b, hq, tok] (+)= g * o, with g the learned gate of branch SLOT or the fixed weight;
+    with SAVE also OB[b, hq, tok] = o (the ungated branch output the backward reads; OB has
+    O's strides)."""
+    if SAVE:
+        store_rows(OB, o, b, hq, tok, ok, s_b, s_h, s_t, s_d, DV, DV_PAD, False)
+    g = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+    store_rows(O, o * g[:, None], b, hq, tok, ok, s_b, s_h, s_t, s_d, DV, DV_PAD, ACCUMULATE)
 
 
 @triton.jit

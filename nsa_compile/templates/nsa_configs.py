@@ -32,6 +32,15 @@ SPACES = {
     # selected branch: one position per program, block_m is the padded group; block_n unused
     "slc": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    # backward, compressed/window branch: block_m query rows, block_n keys per tile
+    "cmp_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    "cmp_dkdv": dict(block_m=(32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
+    "win_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    "win_dkdv": dict(block_m=(32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
+    # backward, selected branch: dq one position per program (block_m = padded group);
+    # dkdv block_m query rows per step over a block's inverted selection
+    "slc_dq": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
+    "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0,), num_warps=(4, 8), num_stages=(1, 2)),
 }
 
 DEFAULTS = {
@@ -39,6 +48,12 @@ DEFAULTS = {
     "sel": KernelConfig(64, 16, 4, 2),
     "slc": KernelConfig(16, 0, 4, 2),
     "win": KernelConfig(64, 64, 4, 2),
+    "cmp_dq": KernelConfig(64, 64, 4, 2),
+    "cmp_dkdv": KernelConfig(64, 64, 8, 2),
+    "win_dq": KernelConfig(64, 64, 4, 2),
+    "win_dkdv": KernelConfig(64, 64, 8, 2),
+    "slc_dq": KernelConfig(16, 0, 4, 2),
+    "slc_dkdv": KernelConfig(64, 0, 8, 2),
 }
 
 
@@ -46,11 +61,21 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
     """Pruning rules: tiles must hold at least one position, fit in ~200 KB of shared memory,
     and keep q (elem bytes), the fp32 accumulator and the fp32 scores under ~200 registers
     per thread."""
-    if kind == "slc":
+    if kind in ("slc", "slc_dq"):
         return True
     if cfg.block_m < group_pad:
         return False
     threads_bytes = cfg.num_warps * 32 * 4
+    if kind.endswith("dkdv"):
+        # resident: the key tile and its fp32 dK/dV; per step: q/dO rows and fp32 P/dS
+        keys = cfg.block_n or 64  # the selected branch's tile is one selection block
+        regs = (keys * (dk + dv) * 4 + cfg.block_m * keys * 4 * 2) / threads_bytes
+        smem = (cfg.num_stages * cfg.block_m + keys) * (dk + dv) * elem
+        return regs <= 256 and smem <= 200 * 1024
+    if kind.endswith("dq"):
+        regs = cfg.block_m * (dk * 4 + (dk + dv) * elem + cfg.block_n * 4 * 2) / threads_bytes
+        smem = cfg.num_stages * cfg.block_n * (dk + dv) * elem
+        return regs <= 256 and smem <= 200 * 1024
     if kind == "sel":
         # block_n selection blocks = block_n * l'/d compressed keys (4 per block by default)
         keys = cfg.block_n * 4

@@ -11,14 +11,14 @@ from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, load_keys
 
 @triton.jit
 def nsa_cmp_fwd_kernel(
-        Q, KC, VC, GATES, O, LSE,
+        Q, KC, VC, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, Tc, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, HAS_CMP: tl.constexpr,
-        HAS_GATES: tl.constexpr):
+        HAS_GATES: tl.constexpr, SAVE: tl.constexpr):
     """Flash attention over the compressed keys for one (batch, KV head, query tile): writes
     the gated o_cmp (when the branch is present) and the lse that selection needs.
     LSE: (B, HQ, T) fp32, +inf where no compressed block is visible yet.
@@ -53,8 +53,8 @@ def nsa_cmp_fwd_kernel(
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
     if HAS_CMP:
-        gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                    gate_fixed, DV, DV_PAD, HAS_GATES, 0, False)
+        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
+                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, 0, False, SAVE)
 
 
 @triton.jit
@@ -132,14 +132,14 @@ def nsa_select_kernel(
 
 @triton.jit
 def nsa_slc_fwd_kernel(
-        Q, K, V, IDX, GATES, O, LSE,
+        Q, K, V, IDX, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
-        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr):
+        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
     """Selected-block attention for one (batch, KV head, query position): the G query heads of
     the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
     t = tl.program_id(0)
@@ -167,20 +167,20 @@ def nsa_slc_fwd_kernel(
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-    gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE)
+    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
 
 
 @triton.jit
 def nsa_win_fwd_kernel(
-        Q, K, V, GATES, O, LSE,
+        Q, K, V, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
+        ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
     """Sliding-window (WINDOW == 0: full causal) attention for one (batch, KV head, query
     tile): keys in (t - window, t]."""
     t0 = tl.program_id(0) * BLOCK_T
@@ -210,5 +210,5 @@ def nsa_win_fwd_kernel(
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-    gated_store(O, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE)
+    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)

@@ -174,8 +174,11 @@ def test_attention_times_and_plots_on_cpu(tmp_path):
     assert all(r[k] > 0 for r in rows for k in ("dense_fwd", "dense_fwd_bwd", "nsa_fwd",
                                                  "nsa_fwd_bwd"))
     assert plots.times_vs_length(tmp_path / "t.png", rows, "cpu").read_bytes()[:8] == PNG
-    fake = [dict(impl=i, HQ=64, H=4, T=T, fwd_ms=ms, peak_MiB=1.0)
+    fake = [dict(impl=i, HQ=64, H=4, T=T, fwd_ms=ms, fwd_bwd_ms=3 * ms, peak_MiB=1.0)
             for i, ms in (("dense", 2.0), ("ours", 1.0)) for T in (8192, 16384)]
-    table = bench.table(dict(gpu="GPU", torch="t", triton="tr", commit="c"), fake)
-    assert "| 64/4 | 8192 | 2.00 | - | - | 1.00 | 2.00x | - | 1 |" in table
+    head = dict(gpu="GPU", torch="t", triton="tr", commit="c")
+    assert "| 64/4 | 8192 | 2.00 | - | - | 1.00 | 2.00x | - | 1 |" in bench.table(head, fake)
+    fb = bench.table(head, fake, "fwd_bwd_ms")
+    assert "forward+backward ms" in fb and "| 64/4 | 8192 | 6.00 | - | - | 3.00 | 2.00x |" in fb
     assert plots.kernel_table(tmp_path / "k.png", fake, "x").read_bytes()[:8] == PNG
+    assert plots.kernel_table(tmp_path / "b.png", fake, "x", "fwd_bwd_ms").read_bytes()[:8] == PNG

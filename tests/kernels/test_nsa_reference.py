@@ -433,14 +433,18 @@ def _op_args(learned):
 
 
 @pytest.mark.parametrize("learned", [True, False], ids=["learned", "fixed"])
-def test_opcheck_nsa_fwd(learned):
-    torch.library.opcheck(torch.ops.nsa_compile.nsa_fwd.default, _op_args(learned))
+@pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
+def test_opcheck_nsa_fwd(learned, save):
+    torch.library.opcheck(torch.ops.nsa_compile.nsa_fwd.default, (*_op_args(learned), save))
 
 
 def test_opcheck_nsa_bwd():
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(True)]
+    q, k, v, g, kc, vc, *params = [a.detach() if isinstance(a, torch.Tensor) else a
+                                   for a in _op_args(True)]
     go = torch.randn(1, 4, 21, 3)
-    torch.library.opcheck(torch.ops.nsa_compile.nsa_bwd.default, (go, *args))
+    residuals = (q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.int32))
+    torch.library.opcheck(torch.ops.nsa_compile.nsa_bwd.default,
+                          (go, q, k, v, g, kc, vc, *residuals, *params))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -1,17 +1,22 @@
 """`torch.library` registration of the NSA op: forward, backward, fake functions, autograd.
 
 The default (CPU and any device without a faster kernel) implementation is the reference in
-`naive.py`; the CUDA launchers register themselves on top with `register_kernel("cuda")`.
+`naive.py`; the CUDA kernels register themselves on top with `register_kernel("cuda")`.
+
+The forward returns, besides the output, what the Triton backward reads — the ungated branch
+outputs, each branch's lse and the selected blocks — when asked to save them and the Triton
+path runs; otherwise those are empty and the backward recomputes through the reference.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import naive
-from .params import NSAParams
+from .params import NSAParams, supported
 
 
 def _params(compress_block: int, compress_stride: int, select_block: int, select_count: int,
@@ -21,38 +26,99 @@ def _params(compress_block: int, compress_stride: int, select_block: int, select
                      select_local, window, *branches, tuple(fixed_gates), scale)
 
 
+_warned: set = set()
+
+
+def _triton_path(q: Tensor, v: Tensor, params: NSAParams) -> bool:
+    """Whether the Triton kernels run (CUDA and supported parameters); warns once per reason
+    when a CUDA call falls back to the reference."""
+    if q.device.type != "cuda":
+        return False
+    reason = supported(params, q.shape[-1], v.shape[-1])
+    if reason is not None and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using the PyTorch reference "
+                      "(slow)", RuntimeWarning, stacklevel=4)
+    return reason is None
+
+
+def _residual_shapes(q: Tensor, k: Tensor, v: Tensor, params: NSAParams, save: bool):
+    """Shapes of (branch_out, lse, block_idx): full when saved for the Triton backward, else
+    (0,) — shared by the kernels and the fake so they always agree."""
+    if not (save and q.device.type == "cuda"
+            and supported(params, q.shape[-1], v.shape[-1]) is None):
+        return (0,), (0,), (0,)
+    nb = params.num_branches
+    B, HQ, T, _ = q.shape
+    n_pad = 1 << max(0, (params.select_count - 1).bit_length())
+    idx = (B, k.shape[1], T, n_pad) if params.has_slc else (0,)
+    return (nb, B, HQ, T, v.shape[-1]), (nb, B, HQ, T), idx
+
+
+def _empty_residuals(q: Tensor):
+    return q.new_empty(0), q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int32)
+
+
 @torch.library.custom_op("nsa_compile::nsa_fwd", mutates_args=())
 def nsa_fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
             v_cmp: Optional[Tensor], compress_block: int, compress_stride: int,
             select_block: int, select_count: int, select_initial: int, select_local: int,
-            window: int, branches: List[bool], fixed_gates: List[float], scale: float) -> Tensor:
+            window: int, branches: List[bool], fixed_gates: List[float], scale: float,
+            save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o, branch_out, lse, block_idx); the last three are empty on this path."""
     p = _params(compress_block, compress_stride, select_block, select_count, select_initial,
                 select_local, window, branches, fixed_gates, scale)
-    return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, p)
+    return (naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, p), *_empty_residuals(q))
 
 
 @nsa_fwd.register_kernel("cuda")
 def _nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
+    params, save = _params(*args[:-1]), args[-1]
+    if not _triton_path(q, v, params):
+        return (naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, params),
+                *_empty_residuals(q))
     # Imported on first CUDA call: CPU users never import Triton code.
     from .triton_fwd import nsa_fwd_cuda
-    return nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, _params(*args))
+    res = nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, params, save)
+    if not save:
+        return (res.o, *_empty_residuals(q))
+    lse = torch.stack([x for x in (res.lse_cmp, res.lse_slc, res.lse_win) if x is not None])
+    idx = res.block_idx if res.block_idx is not None else _empty_residuals(q)[2]
+    return res.o, res.branch_out, lse, idx
 
 
 @nsa_fwd.register_fake
 def _nsa_fwd_fake(q, k, v, gates, k_cmp, v_cmp, *args):
-    return q.new_empty(*q.shape[:3], v.shape[-1])
+    shapes = _residual_shapes(q, k, v, _params(*args[:-1]), args[-1])
+    return (q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(shapes[0]),
+            q.new_empty(shapes[1], dtype=torch.float32),
+            q.new_empty(shapes[2], dtype=torch.int32))
 
 
 @torch.library.custom_op("nsa_compile::nsa_bwd", mutates_args=())
 def nsa_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
-            k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], compress_block: int,
-            compress_stride: int, select_block: int, select_count: int, select_initial: int,
-            select_local: int, window: int, branches: List[bool], fixed_gates: List[float],
+            k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], branch_out: Tensor, lse: Tensor,
+            block_idx: Tensor, compress_block: int, compress_stride: int, select_block: int,
+            select_count: int, select_initial: int, select_local: int, window: int,
+            branches: List[bool], fixed_gates: List[float],
             scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dgates, dk_cmp, dv_cmp); an absent input's gradient is empty."""
+    """Returns (dq, dk, dv, dgates, dk_cmp, dv_cmp); an absent input's gradient is empty.
+    branch_out/lse/block_idx: the forward's residuals (ignored here: the reference recomputes)."""
     p = _params(compress_block, compress_stride, select_block, select_count, select_initial,
                 select_local, window, branches, fixed_gates, scale)
     grads = naive.nsa_attention_backward_ref(grad_out, q, k, v, gates, k_cmp, v_cmp, p)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@nsa_bwd.register_kernel("cuda")
+def _nsa_bwd_cuda(grad_out, q, k, v, gates, k_cmp, v_cmp, branch_out, lse, block_idx, *args):
+    p = _params(*args)
+    if branch_out.numel() == 0:  # the forward ran the reference or saved nothing
+        grads = naive.nsa_attention_backward_ref(grad_out, q, k, v, gates, k_cmp, v_cmp, p)
+    else:
+        from .triton_bwd import nsa_bwd_cuda
+        grads = nsa_bwd_cuda(grad_out, q, k, v, gates, k_cmp, v_cmp, p, branch_out, lse,
+                             block_idx if p.has_slc else None)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
@@ -64,14 +130,18 @@ def _nsa_bwd_fake(grad_out, q, k, v, gates, k_cmp, v_cmp, *args):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gates, k_cmp, v_cmp, *ctx.args = inputs
-    ctx.save_for_backward(q, k, v, gates, k_cmp, v_cmp)
+    ctx.args = ctx.args[:-1]  # the save flag is the forward's only
+    _, branch_out, lse, block_idx = output
+    ctx.mark_non_differentiable(branch_out, lse, block_idx)
+    ctx.save_for_backward(q, k, v, gates, k_cmp, v_cmp, branch_out, lse, block_idx)
 
 
-def _backward(ctx, grad_out):
-    q, k, v, gates, k_cmp, v_cmp = ctx.saved_tensors
-    grads = nsa_bwd(grad_out.contiguous(), q, k, v, gates, k_cmp, v_cmp, *ctx.args)
+def _backward(ctx, grad_out, *_residual_grads):
+    q, k, v, gates, k_cmp, v_cmp, *residuals = ctx.saved_tensors
+    grads = nsa_bwd(grad_out.contiguous(), q, k, v, gates, k_cmp, v_cmp, *residuals, *ctx.args)
     present = (q, k, v, gates, k_cmp, v_cmp)
-    return (*(None if x is None else g for g, x in zip(grads, present)), *([None] * len(ctx.args)))
+    return (*(None if x is None else g for g, x in zip(grads, present)),
+            *([None] * (len(ctx.args) + 1)))
 
 
 nsa_fwd.register_autograd(_backward, setup_context=_setup_context)

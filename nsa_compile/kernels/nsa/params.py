@@ -57,5 +57,18 @@ def num_selection_blocks(T: int, select_block: int) -> int:
     return -(-T // select_block)
 
 
+def supported(params: NSAParams, dk: int, dv: int) -> Optional[str]:
+    """None when the Triton path handles these parameters, else the reason it does not."""
+    if params.needs_cmp:
+        r = params.select_block // params.compress_stride
+        if r & (r - 1):
+            return f"select_block / compress_stride = {r} is not a power of two"
+    if params.has_slc and params.select_block < 16:
+        return f"select_block={params.select_block} < 16"
+    if max(dk, dv) > 256:
+        return f"head dim {max(dk, dv)} > 256"
+    return None
+
+
 def window_or_none(params: NSAParams) -> Optional[int]:
     return params.window or None

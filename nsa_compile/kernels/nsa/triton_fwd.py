@@ -2,7 +2,6 @@
 CUDA kernel of `nsa_compile::nsa_fwd` that picks them from the autotune cache."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional
 
@@ -14,36 +13,25 @@ from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel, nsa_slc_fwd_kernel,
                                   nsa_win_fwd_kernel)
-from . import naive
-from .params import NSAParams
+from .params import NSAParams, supported
 
 
 class ForwardResult(NamedTuple):
     """o: (B, HQ, T, Dv); lse_*: (B, HQ, T) fp32 per branch (None when absent);
-    block_idx: (B, H, T, N_PAD) int32 (None without the selected branch)."""
+    block_idx: (B, H, T, N_PAD) int32 (None without the selected branch); branch_out:
+    (n_branches, B, HQ, T, Dv) the ungated branch outputs, kept for the backward (None unless
+    asked for)."""
 
     o: Tensor
     lse_cmp: Optional[Tensor]
     lse_slc: Optional[Tensor]
     lse_win: Optional[Tensor]
     block_idx: Optional[Tensor]
+    branch_out: Optional[Tensor] = None
 
 
 def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
-
-
-def supported(params: NSAParams, dk: int, dv: int) -> Optional[str]:
-    """None when the Triton path handles these parameters, else the reason it does not."""
-    if params.needs_cmp:
-        r = params.select_block // params.compress_stride
-        if r & (r - 1):
-            return f"select_block / compress_stride = {r} is not a power of two"
-    if params.has_slc and params.select_block < 16:
-        return f"select_block={params.select_block} < 16"
-    if max(dk, dv) > 256:
-        return f"head dim {max(dk, dv)} > 256"
-    return None
 
 
 @dataclass
@@ -58,6 +46,7 @@ class _Launch:
     v_cmp: Optional[Tensor]
     params: NSAParams
     o: Tensor
+    branch_out: Optional[Tensor] = None
 
     def __post_init__(self):
         B, HQ, self.T, DK = self.q.shape
@@ -70,6 +59,14 @@ class _Launch:
         self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(),
                         *self.gate_strides, *self.o.stride())
         self.n_pad = _pow2(self.params.select_count)
+
+    def saved(self, branch: str):
+        """(OB, SAVE): where a kernel copies the ungated output of `branch`, and whether."""
+        present = getattr(self.params, {"compressed": "has_cmp", "selected": "has_slc",
+                                         "window": "has_win"}[branch])
+        if self.branch_out is None or not present:
+            return self.o, False
+        return self.branch_out[self.params.gate_slot(branch)], True
 
     def tile(self, cfg: KernelConfig):
         """(G_PAD, BLOCK_T): the padded group and the positions per program of cfg.block_m rows."""
@@ -87,12 +84,13 @@ def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
     g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
+    ob, save = a.saved("compressed")
     nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k_cmp, vc, a.gates, a.o, lse,
+        a.q, a.k_cmp, vc, a.gates, a.o, ob, lse,
         *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.gate_strides, *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, HAS_CMP=p.has_cmp,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
+        SAVE=save, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
 
@@ -115,11 +113,12 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     p = a.params
     slot = p.gate_slot("selected")
     lse = a.lse()
+    ob, save = a.saved("selected")
     nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
-        a.q, a.k, a.v, idx, a.gates, a.o, lse, *a.strides, a.T, p.scale, a.fixed[slot],
+        a.q, a.k, a.v, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale, a.fixed[slot],
         G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
-        SLOT=slot, ACCUMULATE=p.has_cmp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **a.common)
+        SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **a.common)
     return lse
 
 
@@ -128,22 +127,26 @@ def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
     slot = p.gate_slot("window")
     g_pad, block_t = a.tile(cfg)
     lse = a.lse()
+    ob, save = a.saved("window")
     nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k, a.v, a.gates, a.o, lse, *a.strides, a.T, p.scale, a.fixed[slot],
+        a.q, a.k, a.v, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale, a.fixed[slot],
         G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window, SLOT=slot,
-        ACCUMULATE=p.has_cmp or p.has_slc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **a.common)
+        ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **a.common)
     return lse
 
 
 def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                 k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
-                configs: Optional[Dict[str, KernelConfig]] = None) -> ForwardResult:
+                configs: Optional[Dict[str, KernelConfig]] = None,
+                save: bool = False) -> ForwardResult:
     """Runs the present branches' kernels; shapes as `naive.nsa_attention_ref`, any strides.
-    configs maps "cmp"/"sel"/"slc"/"win" to block sizes (missing ones: DEFAULTS)."""
+    configs maps "cmp"/"sel"/"slc"/"win" to block sizes (missing ones: DEFAULTS); save keeps
+    the ungated branch outputs for the backward."""
     configs = {**DEFAULTS, **(configs or {})}
     o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-    a = _Launch(q, k, v, gates, k_cmp, v_cmp, params, o)
+    branch_out = o.new_empty(params.num_branches, *o.shape) if save else None
+    a = _Launch(q, k, v, gates, k_cmp, v_cmp, params, o, branch_out)
     lse_cmp = lse_slc = lse_win = idx = None
     if params.needs_cmp:
         lse_cmp = run_cmp(a, configs["cmp"])
@@ -152,17 +155,24 @@ def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         lse_slc = run_slc(a, configs["slc"], idx)
     if params.has_win:
         lse_win = run_win(a, configs["win"])
-    return ForwardResult(o, lse_cmp if params.has_cmp else None, lse_slc, lse_win, idx)
+    return ForwardResult(o, lse_cmp if params.has_cmp else None, lse_slc, lse_win, idx,
+                         branch_out)
 
 
-def shape_keys(q: Tensor, k: Tensor, v: Tensor, params: NSAParams) -> Dict[str, str]:
-    """The autotune cache key of each kernel a call runs, by kind ("cmp", "sel", "slc", "win")."""
+def shape_keys(q: Tensor, k: Tensor, v: Tensor, params: NSAParams,
+               backward: bool = False) -> Dict[str, str]:
+    """The autotune cache key of each kernel a call runs, by kind: "cmp", "sel", "slc", "win"
+    for the forward; "cmp_dq", "cmp_dkdv", "slc_dq", … for the backward."""
     _, HQ, T, DK = q.shape
     H, DV = k.shape[1], v.shape[-1]
     nsa = (params.compress_block, params.compress_stride, params.select_block,
            params.select_count, params.select_initial, params.select_local, params.window)
     kinds = [("cmp", params.needs_cmp), ("sel", params.has_slc), ("slc", params.has_slc),
              ("win", params.has_win)]
+    if backward:
+        kinds = [(f"{branch}_{kernel}", present) for branch, present in
+                 (("cmp", params.has_cmp), ("slc", params.has_slc), ("win", params.has_win))
+                 for kernel in ("dq", "dkdv")]
     return {kind: autotune.shape_key(kind, q.dtype, DK, DV, HQ // H, nsa, T)
             for kind, present in kinds if present}
 
@@ -217,17 +227,9 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     return chosen
 
 
-_warned: set = set()
-
-
-def nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, params: NSAParams) -> Tensor:
-    """CUDA kernel of nsa_compile::nsa_fwd: Triton when supported, else the reference."""
-    reason = supported(params, q.shape[-1], v.shape[-1])
-    if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using the PyTorch "
-                          "reference (slow)", RuntimeWarning, stacklevel=3)
-        return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, params)
+def nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, params: NSAParams,
+                 save: bool = False) -> ForwardResult:
+    """CUDA kernel of nsa_compile::nsa_fwd for parameters `supported` accepts: block sizes from
+    the autotune cache; save keeps what the Triton backward reads."""
     configs = tuned_configs(q, k, v, gates, k_cmp, v_cmp, params)
-    return nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, configs).o
+    return nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, configs, save=save)

@@ -1,0 +1,240 @@
+"""Launchers of the Triton NSA backward (templates/nsa_bwd.py) with explicit block sizes.
+
+Reads what the forward kept (`triton_fwd.ForwardResult` with save=True): the ungated branch
+outputs, each branch's lse and the selected blocks. Kernel order (each one adds into the fp32
+gradient buffers the previous ones wrote, so the sum's order is fixed):
+compressed dQ, dK_cmp/dV_cmp → selected dQ, dK/dV → window dQ, dK/dV.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from ...templates.nsa_bwd import (nsa_bwd_delta_kernel, nsa_dense_bwd_dkdv_kernel,
+                                  nsa_dense_bwd_dq_kernel, nsa_slc_bwd_dkdv_kernel,
+                                  nsa_slc_bwd_dq_kernel)
+from ... import autotune
+from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
+from .params import NSAParams, num_selection_blocks
+from .triton_fwd import _pow2, shape_keys
+
+def invert_selection(block_idx: Tensor, n_blocks: int) -> Tuple[Tensor, Tensor]:
+    """The queries that chose each block: block_idx (B, H, T, N_PAD), -1 = none ->
+    (queries int32, starts int64 (B·H·n_blocks + 1,)) with queries[starts[g] : starts[g + 1]]
+    the ascending positions that chose block j of head (b, h), g = (b·H + h)·n_blocks + j.
+
+    One sort of (group, position) keys — deterministic, no host sync."""
+    B, H, T, n_pad = block_idx.shape
+    dev = block_idx.device
+    groups = B * H * n_blocks
+    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
+    t = torch.arange(T, device=dev).view(1, 1, T, 1)
+    key = (bh * n_blocks + block_idx.long()) * T + t
+    key = torch.where(block_idx >= 0, key, groups * T).flatten()
+    key = torch.sort(key).values
+    starts = torch.searchsorted(key, torch.arange(groups + 1, device=dev) * T)
+    return (key % T).to(torch.int32), starts
+
+
+class _Backward:
+    """Everything the backward kernels share for one call, one method per kernel."""
+
+    def __init__(self, do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, lse: Tensor,
+                 delta: Tensor, configs: Dict[str, KernelConfig]):
+        self.q, self.k, self.v, self.do, self.gates, self.params = q, k, v, do, gates, params
+        self.lse, self.delta, self.configs = lse, delta, configs
+        self.B, HQ, self.T, DK = q.shape
+        self.H, DV = k.shape[1], v.shape[-1]
+        self.G = HQ // self.H
+        self.fixed = list(params.fixed_gates) or [1.0] * params.num_branches
+        self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
+                           DV_PAD=_pow2(DV, 16), HAS_GATES=gates is not None)
+        self.gate_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
+        self.dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        self.dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
+        self.dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)
+        self.dk_cmp = None if k_cmp is None else torch.zeros_like(k_cmp)
+        self.dv_cmp = None if v_cmp is None else torch.empty_like(v_cmp)
+        # (keys, values, key stride, key position offset, window, dK out, dV out) per branch
+        self.dense_keys = {
+            "compressed": (k_cmp, v_cmp, params.compress_stride, params.compress_block - 1, 0,
+                           self.dk_cmp, self.dv_cmp),
+            "window": (k, v, 1, 0, params.window, self.dk, self.dv)}
+        self.wrote_dq = self.wrote_dkv = False
+
+    @staticmethod
+    def _kind(name: str, kernel: str) -> str:
+        return {"compressed": "cmp", "window": "win"}[name] + "_" + kernel
+
+    def _branch(self, name: str):
+        """(lse, delta, slot, fixed weight) of a branch."""
+        slot = self.params.gate_slot(name)
+        return self.lse[slot], self.delta[slot], slot, self.fixed[slot]
+
+    def _rows(self, kind: str):
+        """(config, G_PAD, BLOCK_T) for a kernel whose tiles are block_m query rows."""
+        cfg = self.configs[kind]
+        g_pad = _pow2(self.G)
+        return cfg, g_pad, max(1, cfg.block_m // g_pad)
+
+    def _strides(self, keys: Tensor, values: Tensor):
+        return (*self.q.stride(), *keys.stride(), *values.stride(), *self.gate_strides,
+                *self.do.stride())
+
+    def dense_dq(self, name: str) -> None:
+        """dQ of the compressed or window branch."""
+        keys, values, key_stride, key_last, window, _, _ = self.dense_keys[name]
+        lse, delta, slot, fixed = self._branch(name)
+        cfg, g_pad, block_t = self._rows(self._kind(name, "dq"))
+        nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
+            self.q, keys, values, self.do, lse, delta, self.gates, self.dq,
+            *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
+            self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
+            KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, SLOT=slot,
+            ACCUMULATE=self.wrote_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **self.common)
+        self.wrote_dq = True
+
+    def dense_dkdv(self, name: str) -> None:
+        """dK/dV (window: into the fp32 buffers after the selected branch's) or dK_cmp/dV_cmp."""
+        keys, values, key_stride, key_last, window, dk, dv = self.dense_keys[name]
+        lse, delta, slot, fixed = self._branch(name)
+        accumulate = name == "window" and self.wrote_dkv
+        if keys.shape[2]:
+            cfg, g_pad, block_t = self._rows(self._kind(name, "dkdv"))
+            nsa_dense_bwd_dkdv_kernel[(triton.cdiv(keys.shape[2], cfg.block_n), self.B * self.H)](
+                self.q, keys, values, self.do, lse, delta, self.gates, dk, dv,
+                *self._strides(keys, values), *dk.stride(), *dv.stride(), self.T, keys.shape[2],
+                self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
+                KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, SLOT=slot,
+                ACCUMULATE=accumulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **self.common)
+        self.wrote_dkv |= name == "window"
+
+    def selected_dq(self, block_idx: Tensor) -> None:
+        lse, delta, slot, fixed = self._branch("selected")
+        p, cfg = self.params, self.configs["slc_dq"]
+        nsa_slc_bwd_dq_kernel[(self.T, self.B * self.H)](
+            self.q, self.k, self.v, self.do, block_idx, lse, delta, self.gates, self.dq,
+            *self._strides(self.k, self.v), *self.dq.stride(), self.T, p.scale, fixed,
+            G_PAD=_pow2(self.G, 16), LP=p.select_block, N=p.select_count,
+            N_PAD=block_idx.shape[-1], SLOT=slot, ACCUMULATE=self.wrote_dq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
+        self.wrote_dq = True
+
+    def selected_dkdv(self, queries: Tensor, starts: Tensor) -> None:
+        """dK/dV of the selected branch from the inverted selection (`invert_selection`)."""
+        lse, delta, slot, fixed = self._branch("selected")
+        p = self.params
+        n_blocks = num_selection_blocks(self.T, p.select_block)
+        cfg, g_pad, block_t = self._rows("slc_dkdv")
+        nsa_slc_bwd_dkdv_kernel[(self.B * self.H, n_blocks)](
+            self.q, self.k, self.v, self.do, lse, delta, self.gates, queries, starts, self.dk,
+            self.dv, *self._strides(self.k, self.v), *self.dk.stride(), *self.dv.stride(),
+            self.T, n_blocks, p.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, LP=p.select_block,
+            SLOT=slot, ACCUMULATE=self.wrote_dkv, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **self.common)
+        self.wrote_dkv = True
+
+
+def branch_deltas(do: Tensor, branch_out: Tensor) -> Tensor:
+    """D_c = rowsum(dO ∘ o_c) in fp32: (n_branches, B, HQ, T). do: (B, HQ, T, Dv) contiguous,
+    branch_out: (n_branches, B, HQ, T, Dv) contiguous."""
+    nb = branch_out.shape[0]
+    n_rows = do.numel() // do.shape[-1]
+    DV = do.shape[-1]
+    delta = torch.empty(nb, *do.shape[:3], device=do.device, dtype=torch.float32)
+    block = 64
+    nsa_bwd_delta_kernel[(triton.cdiv(n_rows, block),)](
+        do, branch_out, delta, n_rows, n_rows * DV, NB=nb, DV=DV, DV_PAD=_pow2(DV, 16),
+        BLOCK=block)
+    return delta
+
+
+def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                 k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
+                 branch_out: Tensor, lse: Tensor, block_idx: Optional[Tensor],
+                 configs: Optional[Dict[str, KernelConfig]] = None,
+                 delta: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dq, dk, dv, dgates, dk_cmp, dv_cmp) like `naive.nsa_attention_backward_ref`.
+
+    do: (B, HQ, T, Dv); branch_out: (n_branches, B, HQ, T, Dv) and lse: (n_branches, B, HQ, T)
+    per present branch from the forward; block_idx: (B, H, T, N_PAD) when the selected branch
+    runs. configs maps the backward kinds ("cmp_dq", …) to block sizes (missing ones: DEFAULTS); delta:
+    `branch_deltas` when already computed."""
+    configs = {**DEFAULTS, **(configs or {})}
+    p = params
+    do = do.contiguous()
+    if delta is None:
+        delta = branch_deltas(do, branch_out.contiguous())
+    run = _Backward(do, q, k, v, gates, k_cmp, v_cmp, p, lse, delta, configs)
+    if p.has_cmp:
+        run.dense_dq("compressed")
+        run.dense_dkdv("compressed")
+    if p.has_slc:
+        run.selected_dq(block_idx)
+        run.selected_dkdv(*invert_selection(
+            block_idx, num_selection_blocks(q.shape[2], p.select_block)))
+    if p.has_win:
+        run.dense_dq("window")
+        run.dense_dkdv("window")
+    if not run.wrote_dkv:
+        run.dk.zero_()
+        run.dv.zero_()
+    dgates = None if gates is None else delta.permute(1, 2, 3, 0).to(gates.dtype)
+    return (run.dq.to(q.dtype), run.dk.to(k.dtype), run.dv.to(v.dtype), dgates, run.dk_cmp,
+            run.dv_cmp)
+
+def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                  k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
+                  lse: Tensor, delta: Tensor,
+                  block_idx: Optional[Tensor]) -> Dict[str, KernelConfig]:
+    """Block sizes per backward kernel from the autotune cache, tuning missing entries (each
+    kernel timed alone on these inputs) when allowed."""
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name(q.device)
+    inverted = []
+
+    def queries_of_blocks():
+        if not inverted:
+            inverted.extend(invert_selection(
+                block_idx, num_selection_blocks(q.shape[2], params.select_block)))
+        return inverted
+
+    steps = {
+        "cmp_dq": lambda run: run.dense_dq("compressed"),
+        "cmp_dkdv": lambda run: run.dense_dkdv("compressed"),
+        "win_dq": lambda run: run.dense_dq("window"),
+        "win_dkdv": lambda run: run.dense_dkdv("window"),
+        "slc_dq": lambda run: run.selected_dq(block_idx),
+        "slc_dkdv": lambda run: run.selected_dkdv(*queries_of_blocks()),
+    }
+
+    def bench(kind: str):
+        def time_config(cfg: KernelConfig) -> float:
+            run = _Backward(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta,
+                            {**DEFAULTS, kind: cfg})
+            return do_bench(lambda: steps[kind](run), warmup=5, rep=20, return_mode="median")
+        return time_config
+
+    elem, HQ, H = q.element_size(), q.shape[1], k.shape[1]
+    return {kind: autotune.pick(
+                name, kind, key,
+                lambda: candidates(kind, _pow2(HQ // H), q.shape[-1], v.shape[-1], elem),
+                bench(kind))
+            for kind, key in shape_keys(q, k, v, params, backward=True).items()}
+
+
+def nsa_bwd_cuda(do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, branch_out: Tensor,
+                 lse: Tensor, block_idx: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """CUDA kernel of nsa_compile::nsa_bwd when the forward saved its residuals: block sizes
+    from the autotune cache."""
+    do = do.contiguous()
+    delta = branch_deltas(do, branch_out.contiguous())
+    configs = tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta, block_idx)
+    return nsa_backward(do, q, k, v, gates, k_cmp, v_cmp, params, branch_out, lse, block_idx,
+                        configs, delta=delta)

@@ -1,0 +1,236 @@
+"""Triton templates of the NSA backward.
+
+Each branch c's output is o_c = softmax(q kᵀ) v and the op's output is Σ g_c o_c, so with
+P the recomputed probabilities (from the forward's lse), dO the output gradient and
+D_c = rowsum(dO ∘ o_c) (= the gate's gradient):
+    dV = (g P)ᵀ dO,   dS = g P ∘ (dO Vᵀ − D_c),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
+The gate is one factor per row, so no gated copy of dO is made.
+
+Every gradient element is written by exactly one program of each kernel, and the kernels run
+one after another (adding into fp32 buffers), so results are the same run to run: no atomics.
+The compressed and window branches share two kernels — key c sits at position
+c * KEY_STRIDE + KEY_LAST (compressed: c·d + l − 1; window: c) and is seen by queries
+t >= that position (and t < position + WINDOW when WINDOW > 0). The selected branch's dK/dV
+kernel walks, per key block, the list of queries that chose it (the inverted selection).
+"""
+import triton
+import triton.language as tl
+
+from .nsa_common import LOG2E, gqa_rows, load_gate, load_keys, load_rows, store_rows
+
+
+@triton.jit
+def nsa_bwd_delta_kernel(DO, OB, DELTA, n_rows, n_branch_stride,
+                         NB: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """DELTA[c, r] = Σ_d DO[r, d] · OB[c, r, d] in fp32, for rows r of the contiguous
+    (B·HQ·T, Dv) output gradient and each branch c of OB (NB, B·HQ·T, Dv)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, DV_PAD)
+    mask = (r < n_rows)[:, None] & (d < DV)[None, :]
+    off = r[:, None] * DV + d[None, :]
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    for c in tl.static_range(NB):
+        o = tl.load(OB + c * n_branch_stride + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + c * n_rows + r, tl.sum(do * o, 1), mask=r < n_rows)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, HQ, sg_b, sg_h, sg_t, sg_c, gate_fixed,
+               HAS_GATES: tl.constexpr, SLOT: tl.constexpr):
+    """Per row: the branch's lse in log2 units (+inf on dead rows, so P = 0), D_c and the gate."""
+    row = (b * HQ + hq).to(tl.int64) * T + tok
+    lse2 = tl.load(LSE + row, mask=ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row, mask=ok, other=0.0)
+    g = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+    return lse2, delta, g
+
+
+@triton.jit
+def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
+    """(g·P, dS) of one (rows × keys) tile; q (M, Dk), do (M, Dv), k (K, Dk), v (K, Dv)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0) * g[:, None]
+    dp = tl.dot(do, tl.trans(v))
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def nsa_dense_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, GATES, DQ,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
+        T, n_keys, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
+        WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """dQ of the compressed or window branch for one (batch, KV head, query tile); DQ fp32."""
+    t0 = tl.program_id(0) * BLOCK_T
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+    lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h, sg_t,
+                                sg_c, gate_fixed, HAS_GATES, SLOT)
+    qk_scale = scale * LOG2E
+    last = tl.minimum(t0 + BLOCK_T, T) - 1
+    hi = tl.minimum((last - KEY_LAST + KEY_STRIDE) // KEY_STRIDE, n_keys)  # keys c < hi
+    lo = 0
+    if WINDOW > 0:
+        lo = (t0 - WINDOW + 1 - KEY_LAST) // KEY_STRIDE
+        lo = lo * (lo > 0) // BLOCK_K * BLOCK_K
+    dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
+    for c0 in range(lo, hi, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        live = c < n_keys
+        k = load_keys(K, b, h, c, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, c, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        pos = c * KEY_STRIDE + KEY_LAST
+        visible = (pos[None, :] <= tok[:, None]) & live[None, :]
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
+        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+        dq += tl.dot(ds.to(k.dtype), k)
+    store_rows(DQ, dq * scale, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD,
+               ACCUMULATE)
+
+
+@triton.jit
+def nsa_dense_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, GATES, DK_OUT, DV_OUT,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+        T, n_keys, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
+        WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """dK, dV of the compressed or window branch for one (batch, KV head, key tile): walks the
+    query tiles that see the tile's keys; the whole GQA group is summed in each MMA."""
+    c = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    live = c < n_keys
+    k = load_keys(K, b, h, c, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+    v = load_keys(V, b, h, c, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+    pos = c * KEY_STRIDE + KEY_LAST
+    qk_scale = scale * LOG2E
+    first = tl.program_id(0) * BLOCK_K * KEY_STRIDE + KEY_LAST
+    lo = first // BLOCK_T * BLOCK_T
+    hi = T
+    if WINDOW > 0:
+        hi = tl.minimum(T, first + (BLOCK_K - 1) * KEY_STRIDE + WINDOW)
+    dk = tl.zeros([BLOCK_K, DK_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_K, DV_PAD], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
+        q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+        do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+        lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
+                                    sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+        visible = (pos[None, :] <= tok[:, None]) & live[None, :]
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
+        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    store_rows(DK_OUT, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD,
+               ACCUMULATE)
+    store_rows(DV_OUT, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, ACCUMULATE)
+
+
+@triton.jit
+def nsa_slc_bwd_dq_kernel(
+        Q, K, V, DO, IDX, LSE, DELTA, GATES, DQ,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
+        T, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, LP: tl.constexpr,
+        N: tl.constexpr, N_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+        DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """dQ of the selected branch for one (batch, KV head, query position): the forward's loop
+    over the position's n blocks (IDX (B, H, T, N_PAD), -1 = none)."""
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+    do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+    lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h, sg_t,
+                                sg_c, gate_fixed, HAS_GATES, SLOT)
+    qk_scale = scale * LOG2E
+    slots = tl.arange(0, N_PAD)
+    blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
+    dq = tl.zeros([G_PAD, DK_PAD], tl.float32)
+    for s_i in range(N):
+        j = tl.sum(tl.where(slots == s_i, blocks, 0))
+        pos = j * LP + tl.arange(0, LP)
+        live = (pos <= t) & (j >= 0)
+        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        p, ds = _probs_and_dscores(q, do, k, v, live[None, :], lse2, delta, g, qk_scale)
+        dq += tl.dot(ds.to(k.dtype), k)
+    store_rows(DQ, dq * scale, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD,
+               ACCUMULATE)
+
+
+@triton.jit
+def nsa_slc_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, DK_OUT, DV_OUT,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+        T, n_blocks, scale, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """dK, dV of the selected branch for one (batch, KV head, selection block j).
+
+    QUERIES[STARTS[g] : STARTS[g + 1]], g = (b·H + h)·n_blocks + j, are the positions that chose
+    block j in ascending order; they are taken BLOCK_T at a time with their whole GQA group as
+    the rows of each MMA, so small groups still fill the tensor cores. Axis 0 of the grid is
+    (b, h) so that every head's block 0 — chosen by every query, the longest list — starts
+    first.
+    """
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    pos = j * LP + tl.arange(0, LP)
+    live = pos < T
+    k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+    v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+    qk_scale = scale * LOG2E
+    grp = pid_bh.to(tl.int64) * n_blocks + j
+    start = tl.load(STARTS + grp)
+    end = tl.load(STARTS + grp + 1)
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    gh = r % G_PAD
+    dk = tl.zeros([LP, DK_PAD], tl.float32)
+    dv = tl.zeros([LP, DV_PAD], tl.float32)
+    for e0 in range(start, end, BLOCK_T):
+        e = e0 + r // G_PAD
+        tok = tl.load(QUERIES + e, mask=e < end, other=0)
+        ok = (e < end) & (gh < G)
+        hq = h * G + gh
+        q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+        do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+        lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
+                                    sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+        visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
+        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD,
+               ACCUMULATE)
+    store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, ACCUMULATE)
