@@ -16,10 +16,11 @@ kernel walks, per key block, the list of queries that chose it (the inverted sel
 import triton
 import triton.language as tl
 
-from .nsa_common import LOG2E, gqa_rows, load_gate, load_keys, load_rows, store_rows
+from .nsa_common import (LOG2E, gqa_rows, jit_kernel, load_gate, load_keys, load_rows,
+                          store_rows)
 
 
-@triton.jit
+@jit_kernel
 def nsa_bwd_delta_kernel(DO, OB, DELTA, n_rows, n_branch_stride,
                          NB: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -55,7 +56,7 @@ def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@jit_kernel
 def nsa_dense_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, GATES, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -99,21 +100,26 @@ def nsa_dense_bwd_dq_kernel(
                ACCUMULATE)
 
 
-@triton.jit
+@jit_kernel
 def nsa_dense_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, GATES, DK_OUT, DV_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-        T, n_keys, scale, gate_fixed,
+        T, n_keys, q_chunk, split_stride, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
         ACCUMULATE: tl.constexpr):
-    """dK, dV of the compressed or window branch for one (batch, KV head, key tile): walks the
-    query tiles that see the tile's keys; the whole GQA group is summed in each MMA."""
+    """dK, dV of the compressed or window branch for one (batch, KV head, key tile, query
+    chunk): walks the query tiles of chunk program_id(2) (queries [s·q_chunk, (s+1)·q_chunk),
+    q_chunk a multiple of BLOCK_T) that see the tile's keys; the whole GQA group is summed in
+    each MMA. Chunk s writes its partial sums split_stride elements after chunk s - 1's, so
+    the long compressed-key walk is spread over more programs and summed in a fixed order."""
     c = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    q_lo = tl.program_id(2) * q_chunk
+    split = tl.program_id(2).to(tl.int64) * split_stride
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -123,10 +129,10 @@ def nsa_dense_bwd_dkdv_kernel(
     pos = c * KEY_STRIDE + KEY_LAST
     qk_scale = scale * LOG2E
     first = tl.program_id(0) * BLOCK_K * KEY_STRIDE + KEY_LAST
-    lo = first // BLOCK_T * BLOCK_T
-    hi = T
+    lo = tl.maximum(first, q_lo) // BLOCK_T * BLOCK_T
+    hi = tl.minimum(T, q_lo + q_chunk)
     if WINDOW > 0:
-        hi = tl.minimum(T, first + (BLOCK_K - 1) * KEY_STRIDE + WINDOW)
+        hi = tl.minimum(hi, first + (BLOCK_K - 1) * KEY_STRIDE + WINDOW)
     dk = tl.zeros([BLOCK_K, DK_PAD], tl.float32)
     dv = tl.zeros([BLOCK_K, DV_PAD], tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
@@ -141,12 +147,13 @@ def nsa_dense_bwd_dkdv_kernel(
         p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    store_rows(DK_OUT, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD,
+    store_rows(DK_OUT + split, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
+               DK_PAD, ACCUMULATE)
+    store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
                ACCUMULATE)
-    store_rows(DV_OUT, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, ACCUMULATE)
 
 
-@triton.jit
+@jit_kernel
 def nsa_slc_bwd_dq_kernel(
         Q, K, V, DO, IDX, LSE, DELTA, GATES, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -183,7 +190,7 @@ def nsa_slc_bwd_dq_kernel(
                ACCUMULATE)
 
 
-@triton.jit
+@jit_kernel
 def nsa_slc_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, DK_OUT, DV_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,

@@ -4,11 +4,23 @@ A program owns one KV head and a tile of BLOCK_T query positions; its M = BLOCK_
 are (position, query head) pairs, position-major, so every MMA is fed by the whole GQA group
 (G_PAD is the group size rounded up to a power of two; padded rows are masked).
 """
+import inspect
+
 import triton
 import triton.language as tl
 
+LENGTHS = ("T", "Tc", "n_keys", "n_blocks", "n_rows", "n_branch_stride", "q_chunk",
+           "split_stride")
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+def jit_kernel(fn):
+    """triton.jit that does not specialise the length arguments (LENGTHS): one compile per
+    block-size config instead of one per T == 1 / T % 16 == 0 / other."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(do_not_specialize=[n for n in LENGTHS if n in params])(fn)
 
 
 @triton.jit

@@ -5,11 +5,11 @@ separate combine pass."""
 import triton
 import triton.language as tl
 
-from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, load_keys, load_rows,
-                         monotone_bits, online_softmax_step, pack_key, unpack_index)
+from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, jit_kernel, load_keys,
+                         load_rows, monotone_bits, online_softmax_step, pack_key, unpack_index)
 
 
-@triton.jit
+@jit_kernel
 def nsa_cmp_fwd_kernel(
         Q, KC, VC, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -57,7 +57,7 @@ def nsa_cmp_fwd_kernel(
                     sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, 0, False, SAVE)
 
 
-@triton.jit
+@jit_kernel
 def nsa_select_kernel(
         Q, KC, LSE, IDX, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, T, Tc, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -130,7 +130,7 @@ def nsa_select_kernel(
     tl.store(IDX + off, idx, mask=(t_tile < T)[:, None])
 
 
-@triton.jit
+@jit_kernel
 def nsa_slc_fwd_kernel(
         Q, K, V, IDX, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -171,7 +171,7 @@ def nsa_slc_fwd_kernel(
                 gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
 
 
-@triton.jit
+@jit_kernel
 def nsa_win_fwd_kernel(
         Q, K, V, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,

@@ -21,6 +21,17 @@ from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
 from .triton_fwd import _pow2, shape_keys
 
+# The compressed dK/dV walk over queries is split into chunks of at least this many queries.
+MIN_SPLIT_QUERIES = 4096
+
+
+def query_splits(T: int, tiles: int, device: torch.device) -> int:
+    """Query chunks for the compressed dK/dV kernel: enough programs for ~4 per SM."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 8)
+    return max(1, min(T // MIN_SPLIT_QUERIES, triton.cdiv(4 * sms, tiles)))
+
+
 def invert_selection(block_idx: Tensor, n_blocks: int) -> Tuple[Tensor, Tensor]:
     """The queries that chose each block: block_idx (B, H, T, N_PAD), -1 = none ->
     (queries int32, starts int64 (B·H·n_blocks + 1,)) with queries[starts[g] : starts[g + 1]]
@@ -99,19 +110,35 @@ class _Backward:
         self.wrote_dq = True
 
     def dense_dkdv(self, name: str) -> None:
-        """dK/dV (window: into the fp32 buffers after the selected branch's) or dK_cmp/dV_cmp."""
+        """dK/dV (window: into the fp32 buffers after the selected branch's) or dK_cmp/dV_cmp.
+
+        The compressed keys are few and each is seen by every later query: their walk is cut
+        into query chunks run by separate programs, whose fp32 partial sums are then added in
+        chunk order (deterministic)."""
         keys, values, key_stride, key_last, window, dk, dv = self.dense_keys[name]
-        lse, delta, slot, fixed = self._branch(name)
-        accumulate = name == "window" and self.wrote_dkv
-        if keys.shape[2]:
+        n_keys = keys.shape[2]
+        if n_keys:
+            lse, delta, slot, fixed = self._branch(name)
             cfg, g_pad, block_t = self._rows(self._kind(name, "dkdv"))
-            nsa_dense_bwd_dkdv_kernel[(triton.cdiv(keys.shape[2], cfg.block_n), self.B * self.H)](
-                self.q, keys, values, self.do, lse, delta, self.gates, dk, dv,
-                *self._strides(keys, values), *dk.stride(), *dv.stride(), self.T, keys.shape[2],
-                self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
-                KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, SLOT=slot,
-                ACCUMULATE=accumulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **self.common)
+            tiles = triton.cdiv(n_keys, cfg.block_n) * self.B * self.H
+            splits = query_splits(self.T, tiles, self.q.device) if name == "compressed" else 1
+            q_chunk = triton.cdiv(triton.cdiv(self.T, splits), block_t) * block_t
+            out_k, out_v = dk, dv
+            if splits > 1:
+                out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
+                out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
+            nsa_dense_bwd_dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), self.B * self.H,
+                                       splits)](
+                self.q, keys, values, self.do, lse, delta, self.gates, out_k, out_v,
+                *self._strides(keys, values), *out_k[0].stride() if splits > 1 else dk.stride(),
+                *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, q_chunk,
+                dk.numel(), self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t,
+                BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window,
+                SLOT=slot, ACCUMULATE=name == "window" and self.wrote_dkv,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
+            if splits > 1:
+                dk.copy_(out_k.sum(0))
+                dv.copy_(out_v.sum(0))
         self.wrote_dkv |= name == "window"
 
     def selected_dq(self, block_idx: Tensor) -> None:
