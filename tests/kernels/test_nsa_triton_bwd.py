@@ -40,13 +40,18 @@ CASES = {
 }
 
 
-def _inputs(B, HQ, H, T, DK, DV, cfg, dtype, seed=0):
+def _inputs(B, HQ, H, T, DK, DV, cfg, dtype, seed=0, transposed=False):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=gen).to(dtype)
-    q, k, v = rand(B, HQ, T, DK), rand(B, H, T, DK), rand(B, H, T, DV)
+    if transposed:  # (B, T, heads, D) storage seen in SDPA's layout, as HF models pass it
+        tr = lambda b, h, t, d: rand(b, t, h, d).transpose(1, 2)
+        q, k, v = tr(B, HQ, T, DK), tr(B, H, T, DK), tr(B, H, T, DV)
+    else:
+        q, k, v = rand(B, HQ, T, DK), rand(B, H, T, DK), rand(B, H, T, DV)
     gates = None
     if cfg.gate == "learned":
-        gates = torch.rand(B, HQ, T, len(cfg.branches), generator=gen).to(dtype)
+        gates = torch.rand(B, T, HQ, len(cfg.branches), generator=gen).to(dtype)
+        gates = gates.transpose(1, 2) if transposed else gates.transpose(1, 2).contiguous()
     p = NSAParams.from_config(cfg, DK ** -0.5)
     kc = naive.mean_pool(k, cfg.compress_block, cfg.compress_stride) if p.needs_cmp else None
     vc = naive.mean_pool(v, cfg.compress_block, cfg.compress_stride) if p.has_cmp else None
@@ -64,9 +69,9 @@ def _forward_backward(q, k, v, gates, kc, vc, p, do):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_backward_matches_reference(name):
+def test_triton_backward_matches_reference(name, transposed=False):
     *shape, cfg, dtype = CASES[name]
-    q, k, v, gates, kc, vc, p, do = _inputs(*shape, cfg, dtype)
+    q, k, v, gates, kc, vc, p, do = _inputs(*shape, cfg, dtype, transposed=transposed)
     res, got = _forward_backward(q, k, v, gates, kc, vc, p, do)
     idx = None if res.block_idx is None else res.block_idx[..., :p.select_count]
     want = ref.gradients(do, q, k, v, gates, kc, vc, p, idx)
@@ -76,7 +81,7 @@ def test_triton_backward_matches_reference(name):
         if x is None:
             assert g is None, name
             continue
-        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert g.shape == x.shape and g.dtype == x.dtype and g.stride() == x.stride(), name
         assert not g.isnan().any(), name
         if w.numel():
             # relative error, with an absolute floor: a gradient that is zero in exact
@@ -92,6 +97,11 @@ def test_triton_backward_split_compressed_walk(name, monkeypatch):
     monkeypatch.setattr(triton_bwd, "MIN_SPLIT_QUERIES", 16)
     assert triton_bwd.query_splits(111, 1, torch.device("cpu")) == 6
     test_triton_backward_matches_reference(name)
+
+
+def test_triton_backward_strided_inputs_and_gradients():
+    """Non-contiguous q/k/v/gates: read through their strides, gradients in the same strides."""
+    test_triton_backward_matches_reference("all-learned-T37-G2", transposed=True)
 
 
 def test_triton_backward_is_deterministic():

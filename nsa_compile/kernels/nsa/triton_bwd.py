@@ -64,9 +64,10 @@ class _Backward:
         self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
                            DV_PAD=_pow2(DV, 16), HAS_GATES=gates is not None)
         self.gate_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
-        self.dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        self.dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
-        self.dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)
+        # Gradients keep their input's strides (the op's fake promises empty_like).
+        self.dq = torch.empty_like(q, dtype=torch.float32)
+        self.dk = torch.empty_like(k, dtype=torch.float32)
+        self.dv = torch.empty_like(v, dtype=torch.float32)
         self.dk_cmp = None if k_cmp is None else torch.zeros_like(k_cmp)
         self.dv_cmp = None if v_cmp is None else torch.empty_like(v_cmp)
         # (keys, values, key stride, key position offset, window, dK out, dV out) per branch
@@ -211,7 +212,7 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
     if not run.wrote_dkv:
         run.dk.zero_()
         run.dv.zero_()
-    dgates = None if gates is None else delta.permute(1, 2, 3, 0).to(gates.dtype)
+    dgates = None if gates is None else torch.empty_like(gates).copy_(delta.permute(1, 2, 3, 0))
     return (run.dq.to(q.dtype), run.dk.to(k.dtype), run.dv.to(v.dtype), dgates, run.dk_cmp,
             run.dv_cmp)
 
