@@ -1,6 +1,6 @@
 """NSA forward and forward+backward speed against dense SDPA, FlexAttention (window 512) and fla-core's NSA.
 
-Run on a GPU (one device call): python benchmarks/bench_nsa.py [--ts 8192,16384] [--only ours]
+Run on a GPU (one device call): python benchmarks/bench_nsa.py [--ts 8192,16384] [--only ours] [--groups 64/4]
 All numbers come from this one run; prints a markdown table last and writes JSON to $OUT.
 Shapes and peers: `nsa_compile.bench` (also `nsa-compile bench`, which adds a plot).
 """
@@ -19,11 +19,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ts", default=",".join(str(t) for t in bench.LENGTHS))
     ap.add_argument("--only", default=",".join(bench.IMPLS))
+    ap.add_argument("--groups", default=",".join(f"{hq}/{h}" for hq, h in bench.GROUPS),
+                    help="HQ/H pairs, e.g. 64/4,32/8")
     args = ap.parse_args()
     head = bench.header()
     print(head, flush=True)
     rows = []
-    for name, HQ, H, T in bench.cases([int(x) for x in args.ts.split(",")], args.only.split(",")):
+    for name, HQ, H, T in bench.cases([int(x) for x in args.ts.split(",")], args.only.split(","),
+                                     [tuple(map(int, g.split("/"))) for g in args.groups.split(",")]):
         t0 = time.time()
         try:
             row = bench.measure(name, HQ, H, T)
