@@ -1,6 +1,8 @@
-"""NSA forward and forward+backward speed against dense SDPA, FlexAttention (window 512) and fla-core's NSA.
+"""NSA forward and forward+backward speed against dense SDPA, FlexAttention (window 512) and
+fla-core's NSA.
 
-Run on a GPU (one device call): python benchmarks/bench_nsa.py [--ts 8192,16384] [--only ours] [--groups 64/4]
+Run on a GPU (one device call):
+    python benchmarks/bench_nsa.py [--ts 8192,16384] [--only ours] [--groups 64/4]
 All numbers come from this one run; prints a markdown table last and writes JSON to $OUT.
 Shapes and peers: `nsa_compile.bench` (also `nsa-compile bench`, which adds a plot).
 """
@@ -25,8 +27,9 @@ def main():
     head = bench.header()
     print(head, flush=True)
     rows = []
-    for name, HQ, H, T in bench.cases([int(x) for x in args.ts.split(",")], args.only.split(","),
-                                     [tuple(map(int, g.split("/"))) for g in args.groups.split(",")]):
+    groups = [tuple(map(int, g.split("/"))) for g in args.groups.split(",")]
+    lengths = [int(x) for x in args.ts.split(",")]
+    for name, HQ, H, T in bench.cases(lengths, args.only.split(","), groups):
         t0 = time.time()
         try:
             row = bench.measure(name, HQ, H, T)

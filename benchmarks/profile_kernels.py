@@ -41,7 +41,8 @@ def main():
             total = sum(e.device_time_total for e in events)
             print(f"\nHQ/H={HQ}/{H} T={T}: {total / 1e3:.2f} ms of kernels")
             for e in sorted(events, key=lambda e: -e.device_time_total)[:14]:
-                print(f"  {e.device_time_total / 1e3:8.2f} ms {100 * e.device_time_total / total:5.1f}%"
+                share = 100 * e.device_time_total / total
+                print(f"  {e.device_time_total / 1e3:8.2f} ms {share:5.1f}%"
                       f"  x{e.count:<3d} {e.key[:70]}")
             del q, k, v, gates, do
             torch.cuda.empty_cache()

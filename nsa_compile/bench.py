@@ -1,8 +1,8 @@
 """Benchmarks of the NSA op, shared by `nsa-compile bench`, the demo and benchmarks/bench_nsa.py.
 
 `cases` + `measure`: the kernel table (SPEC §6 shapes: bf16, B=1, D=128, HQ/H = 64/4 and 32/8,
-NSA defaults) of our forward and forward+backward against dense SDPA, FlexAttention (window 512) and fla-core's NSA;
-CUDA and Triton only. Ours runs all three branches with learned-style gates and mean-pooled
+NSA defaults) of our forward and forward+backward against dense SDPA, FlexAttention (window
+512) and fla-core's NSA; CUDA and Triton only. Ours runs all three branches with learned-style gates and mean-pooled
 compressed keys (computed inside the timed region, as fla does); fla runs compression +
 selection, no window. `attention_times`: forward and forward+backward of dense attention and
 NSA against sequence length, on any device.

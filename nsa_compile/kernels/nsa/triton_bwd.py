@@ -191,8 +191,8 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
 
     do: (B, HQ, T, Dv); branch_out: (n_branches, B, HQ, T, Dv) and lse: (n_branches, B, HQ, T)
     per present branch from the forward; block_idx: (B, H, T, N_PAD) when the selected branch
-    runs. configs maps the backward kinds ("cmp_dq", …) to block sizes (missing ones: DEFAULTS); delta:
-    `branch_deltas` when already computed."""
+    runs. configs maps the backward kinds ("cmp_dq", …) to block sizes (missing ones:
+    DEFAULTS); delta: `branch_deltas` when already computed."""
     configs = {**DEFAULTS, **(configs or {})}
     p = params
     do = do.contiguous()
