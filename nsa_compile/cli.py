@@ -330,11 +330,10 @@ def _tune_backward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs):
     from .kernels.nsa import triton_bwd, triton_fwd
     res = triton_fwd.nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs,
                                  save=True)
-    lse = torch.stack([x for x in (res.lse_cmp, res.lse_slc, res.lse_win) if x is not None])
     do = torch.randn_like(res.o)
     delta = triton_bwd.branch_deltas(do, res.branch_out)
-    return triton_bwd.tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta,
-                                    res.block_idx)
+    return triton_bwd.tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, res.branch_lse(),
+                                    delta, res.block_idx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,17 @@ top-n importance, then compare outputs given the kernel's blocks.
 import torch
 
 from nsa_compile.kernels.nsa import naive
+from nsa_compile.templates.nsa_configs import KernelConfig
 from nsa_compile.kernels.nsa.params import NSAParams, num_selection_blocks
+
+
+# Interpreter-sized tiles for every kernel kind (each kernel loop runs more than once at the
+# tests' lengths) and NSA parameters small enough for T of a few dozen.
+SMALL = {kind: KernelConfig(16, 16, 4, 1) for kind in ("cmp", "sel", "win", "cmp_dq", "cmp_dkdv",
+                                                       "win_dq", "win_dkdv", "slc_dkdv")}
+SMALL.update(slc=KernelConfig(16, 0, 4, 1), slc_dq=KernelConfig(16, 0, 4, 1))
+SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
+                 window=24)
 
 
 def importance(q, k_cmp, params: NSAParams, chunk: int = 512):

@@ -32,8 +32,8 @@ def _run(q, k, v, gates, kc, vc, do, p):
     from nsa_compile.kernels.nsa.triton_bwd import nsa_bwd_cuda
     from nsa_compile.kernels.nsa.triton_fwd import nsa_fwd_cuda
     res = nsa_fwd_cuda(q, k, v, gates, kc, vc, p, save=True)
-    lse = torch.stack([res.lse_cmp, res.lse_slc, res.lse_win])
-    return res, nsa_bwd_cuda(do, q, k, v, gates, kc, vc, p, res.branch_out, lse, res.block_idx)
+    return res, nsa_bwd_cuda(do, q, k, v, gates, kc, vc, p, res.branch_out, res.branch_lse(),
+                             res.block_idx)
 
 
 @pytest.mark.parametrize("T,G,D", SHAPES, ids=[f"T{T}-G{G}-D{D}" for T, G, D in SHAPES])

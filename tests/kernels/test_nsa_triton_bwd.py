@@ -6,18 +6,12 @@ import torch
 from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
 from nsa_compile.kernels.nsa.params import NSAParams
-from nsa_compile.templates.nsa_configs import KernelConfig
 
 import nsa_reference as ref
 
 triton = pytest.importorskip("triton")
 
-# Small tiles keep the interpreter fast (and make every kernel loop more than once).
-SMALL = {kind: KernelConfig(16, 16, 4, 1) for kind in ("cmp", "sel", "win", "cmp_dq", "cmp_dkdv",
-                                                       "win_dq", "win_dkdv", "slc_dkdv")}
-SMALL.update(slc=KernelConfig(16, 0, 4, 1), slc_dq=KernelConfig(16, 0, 4, 1))
-SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
-                 window=24)
+SMALL, SMALL_NSA = ref.SMALL, ref.SMALL_NSA
 
 CASES = {
     "all-learned-T37-G2": (1, 4, 2, 37, 16, 16, NSAConfig(**SMALL_NSA), torch.float32),
@@ -63,8 +57,7 @@ def _forward_backward(q, k, v, gates, kc, vc, p, do):
     from nsa_compile.kernels.nsa.triton_bwd import nsa_backward
     from nsa_compile.kernels.nsa.triton_fwd import nsa_forward
     res = nsa_forward(q, k, v, gates, kc, vc, p, SMALL, save=True)
-    lse = torch.stack([x for x in (res.lse_cmp, res.lse_slc, res.lse_win) if x is not None])
-    return res, nsa_backward(do, q, k, v, gates, kc, vc, p, res.branch_out, lse,
+    return res, nsa_backward(do, q, k, v, gates, kc, vc, p, res.branch_out, res.branch_lse(),
                              res.block_idx, SMALL)
 
 

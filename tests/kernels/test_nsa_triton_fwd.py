@@ -5,17 +5,13 @@ import torch
 from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
 from nsa_compile.kernels.nsa.params import NSAParams
-from nsa_compile.templates.nsa_configs import KernelConfig
 
 import nsa_reference as ref
 
 triton = pytest.importorskip("triton")
 
 # Small tiles keep the interpreter fast; the GPU uses the tuned ones.
-SMALL = {"cmp": KernelConfig(16, 16, 4, 1), "sel": KernelConfig(16, 16, 4, 1),
-         "slc": KernelConfig(16, 0, 4, 1), "win": KernelConfig(16, 16, 4, 1)}
-SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
-                 window=24)
+SMALL, SMALL_NSA = ref.SMALL, ref.SMALL_NSA
 
 CASES = {
     "all-learned-T37-G2": (1, 4, 2, 37, 16, 16, NSAConfig(**SMALL_NSA), torch.float32),

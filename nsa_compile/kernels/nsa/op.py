@@ -82,9 +82,8 @@ def _nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
     res = nsa_fwd_cuda(q, k, v, gates, k_cmp, v_cmp, params, save)
     if not save:
         return (res.o, *_empty_residuals(q))
-    lse = torch.stack([x for x in (res.lse_cmp, res.lse_slc, res.lse_win) if x is not None])
     idx = res.block_idx if res.block_idx is not None else _empty_residuals(q)[2]
-    return res.o, res.branch_out, lse, idx
+    return res.o, res.branch_out, res.branch_lse(), idx
 
 
 @nsa_fwd.register_fake

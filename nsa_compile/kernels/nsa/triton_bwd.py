@@ -19,7 +19,7 @@ from ...templates.nsa_bwd import (nsa_bwd_delta_kernel, nsa_dense_bwd_dkdv_kerne
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
-from .triton_fwd import _pow2, shape_keys
+from .triton_fwd import _pow2, launch_geometry, shape_keys
 
 # The compressed dK/dV walk over queries is split into chunks of at least this many queries.
 MIN_SPLIT_QUERIES = 4096
@@ -57,13 +57,8 @@ class _Backward:
                  delta: Tensor, configs: Dict[str, KernelConfig]):
         self.q, self.k, self.v, self.do, self.gates, self.params = q, k, v, do, gates, params
         self.lse, self.delta, self.configs = lse, delta, configs
-        self.B, HQ, self.T, DK = q.shape
-        self.H, DV = k.shape[1], v.shape[-1]
-        self.G = HQ // self.H
-        self.fixed = list(params.fixed_gates) or [1.0] * params.num_branches
-        self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
-                           DV_PAD=_pow2(DV, 16), HAS_GATES=gates is not None)
-        self.gate_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
+        (self.B, self.H, self.T, self.G, self.fixed, self.common,
+         self.gate_strides) = launch_geometry(q, k, v, gates, params)
         # Gradients keep their input's strides (the op's fake promises empty_like).
         self.dq = torch.empty_like(q, dtype=torch.float32)
         self.dk = torch.empty_like(k, dtype=torch.float32)

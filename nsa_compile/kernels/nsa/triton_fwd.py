@@ -29,9 +29,27 @@ class ForwardResult(NamedTuple):
     block_idx: Optional[Tensor]
     branch_out: Optional[Tensor] = None
 
+    def branch_lse(self) -> Tensor:
+        """(n_branches, B, HQ, T): the present branches' lse stacked, as the backward reads it."""
+        return torch.stack([x for x in (self.lse_cmp, self.lse_slc, self.lse_win)
+                            if x is not None])
+
 
 def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
+
+
+def launch_geometry(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                    params: NSAParams):
+    """What every NSA kernel launch (forward and backward) derives from its inputs:
+    (B, H, T, G, fixed gate weights, constexprs common to all kernels, gate strides)."""
+    B, HQ, T, DK = q.shape
+    H, DV = k.shape[1], v.shape[-1]
+    fixed = list(params.fixed_gates) or [1.0] * params.num_branches
+    common = dict(H=H, G=HQ // H, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV, DV_PAD=_pow2(DV, 16),
+                  HAS_GATES=gates is not None)
+    gate_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
+    return B, H, T, HQ // H, fixed, common, gate_strides
 
 
 @dataclass
@@ -49,13 +67,8 @@ class _Launch:
     branch_out: Optional[Tensor] = None
 
     def __post_init__(self):
-        B, HQ, self.T, DK = self.q.shape
-        self.B, self.H, DV = B, self.k.shape[1], self.v.shape[-1]
-        self.G = HQ // self.H
-        self.fixed = list(self.params.fixed_gates) or [1.0] * self.params.num_branches
-        self.common = dict(H=self.H, G=self.G, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV,
-                           DV_PAD=_pow2(DV, 16), HAS_GATES=self.gates is not None)
-        self.gate_strides = self.gates.stride() if self.gates is not None else (0, 0, 0, 0)
+        (self.B, self.H, self.T, self.G, self.fixed, self.common,
+         self.gate_strides) = launch_geometry(self.q, self.k, self.v, self.gates, self.params)
         self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(),
                         *self.gate_strides, *self.o.stride())
         self.n_pad = _pow2(self.params.select_count)
