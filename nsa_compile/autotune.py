@@ -3,14 +3,19 @@
 One JSON file per GPU model, keyed by the device *name* (an H100 and an H200 share a compute
 capability but not their best tiles). Entries are keyed by kernel, dtype, head dims, GQA group,
 NSA block parameters and a power-of-two length bucket. The header records the torch and Triton
-versions and a hash of the kernel sources; a corrupt or stale file is ignored with a warning.
+versions (a file from other versions is stale and ignored with a warning, as is a corrupt one)
+and the kernel source hash of each kind (`source_hash(kind)`): editing one kernel drops only the
+entries that tuned it.
 Writes are atomic (temp file + rename). Lookup order: the user's cache, then the defaults shipped
 in `templates/tuned/`, then the nearest tuned length bucket, then `DEFAULTS`. Live tuning happens
 only in eager code, never while torch.compile traces or a CUDA graph is being captured.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -23,22 +28,47 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from .templates.nsa_configs import DEFAULTS, KernelConfig
+from .templates import nsa_configs
+from .templates.nsa_configs import DEFAULTS, KERNELS, KernelConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TEMPLATES = Path(__file__).parent / "templates"
 SHIPPED = TEMPLATES / "tuned"
 MIN_BUCKET, MAX_BUCKET = 1024, 1 << 17
 
 
-def source_hash() -> str:
-    """Hash of the kernel templates and config spaces: a change makes old tunings stale."""
-    h = hashlib.sha256()
-    for path in sorted(TEMPLATES.glob("*.py")):
-        h.update(path.read_bytes())
+@functools.lru_cache(maxsize=None)
+def _functions(module: str) -> Dict[str, str]:
+    """Source of each top-level function of a template module (decorators included)."""
+    text = (TEMPLATES / f"{module}.py").read_text()
+    lines = text.splitlines()
+    out = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef):
+            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            out[node.name] = "\n".join(lines[first - 1:node.end_lineno])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(kind: str) -> str:
+    """Hash of what a kind's tuned block sizes depend on: its kernels (`KERNELS`), the helpers
+    of their template module (functions not named *_kernel), nsa_common, the kind's config
+    space and the pruning rules. A change makes that kind's entries stale, and only those."""
+    module, kernels = KERNELS[kind]
+    h = hashlib.sha256((TEMPLATES / "nsa_common.py").read_bytes())
+    for name, src in sorted(_functions(module).items()):
+        if name in kernels or not name.endswith("_kernel"):
+            h.update(src.encode())
+    h.update(repr(sorted(nsa_configs.SPACES[kind].items())).encode())
+    h.update(inspect.getsource(nsa_configs._fits).encode())
     return h.hexdigest()[:16]
+
+
+def kind_of(key: str) -> str:
+    return key.split("|", 1)[0]
 
 
 def device_slug(name: str) -> str:
@@ -64,7 +94,8 @@ def shape_key(kernel: str, dtype: torch.dtype, dk: int, dv: int, group: int, nsa
 def header(device_name: str) -> Dict[str, str]:
     import triton
     return {"format": FORMAT_VERSION, "device": device_name, "torch": torch.__version__,
-            "triton": triton.__version__, "source_hash": source_hash()}
+            "triton": triton.__version__,
+            "source_hash": {kind: source_hash(kind) for kind in sorted(KERNELS)}}
 
 
 class TuneCache:
@@ -88,14 +119,19 @@ class TuneCache:
                           "it will be rewritten", RuntimeWarning, stacklevel=3)
             return
         expected = header(self.device_name)
-        stale = [k for k in ("format", "device", "torch", "triton", "source_hash")
-                 if head.get(k) != expected[k]]
+        stale = [k for k in ("format", "device", "torch", "triton") if head.get(k) != expected[k]]
         if stale:
             warnings.warn(f"nsa_compile: ignoring stale autotune cache {self.path} "
                           f"({', '.join(stale)} changed); it will be rewritten",
                           RuntimeWarning, stacklevel=3)
             return
-        self.entries = dict(entries)
+        sources = head.get("source_hash")
+        sources = sources if isinstance(sources, dict) else {}
+        current = {kind for kind, h in expected["source_hash"].items() if sources.get(kind) == h}
+        self.entries = {k: e for k, e in entries.items() if kind_of(k) in current}
+        if len(self.entries) < len(entries):
+            log.info("%s: %d of %d entries tuned older kernel sources; they will be re-tuned",
+                     self.path, len(entries) - len(self.entries), len(entries))
 
     def get(self, key: str) -> Optional[KernelConfig]:
         cfg = self.entries.get(key)

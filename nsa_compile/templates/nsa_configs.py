@@ -1,4 +1,4 @@
-"""Config spaces of the NSA forward kernels: tuning as data, pruned by rules, never by GPU name."""
+"""Config spaces of the NSA kernels: tuning as data, pruned by rules, never by GPU name."""
 from __future__ import annotations
 
 import itertools
@@ -41,6 +41,22 @@ SPACES = {
     # dkdv block_m query rows per step over a block's inverted selection
     "slc_dq": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0,), num_warps=(4, 8), num_stages=(1, 2)),
+}
+
+# The kernels whose block sizes each kind picks: (template module, kernel names). An autotune
+# entry stays valid while these kernels, their module's helpers, nsa_common and the kind's
+# config space are unchanged (`autotune.source_hash`).
+KERNELS = {
+    "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
+    "sel": ("nsa_fwd", ("nsa_select_kernel",)),
+    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel",)),
+    "win": ("nsa_fwd", ("nsa_win_fwd_kernel",)),
+    "cmp_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
+    "cmp_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
+    "win_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
+    "win_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
+    "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel",)),
+    "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel",)),
 }
 
 DEFAULTS = {

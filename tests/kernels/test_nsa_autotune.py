@@ -46,7 +46,7 @@ def test_tunes_once_saves_atomically_and_reloads(cache_dir):
     assert again == got and len(calls) == len(space())  # cached: no re-tuning
     data = json.loads((cache_dir / "nvidia_test_gpu_80gb.json").read_text())
     assert data["header"]["device"] == DEVICE
-    assert data["header"]["source_hash"] == autotune.source_hash()
+    assert data["header"]["source_hash"]["win"] == autotune.source_hash("win")
     assert data["entries"][key] == got.to_dict()
     assert not list(cache_dir.glob("*.tmp"))
     fresh = autotune.TuneCache(DEVICE, cache_dir / "nvidia_test_gpu_80gb.json")
@@ -59,10 +59,53 @@ def test_corrupt_and_stale_files_are_ignored_with_a_warning(cache_dir):
     with pytest.warns(RuntimeWarning, match="corrupt"):
         assert autotune.TuneCache(DEVICE, path).entries == {}
     head = autotune.header(DEVICE)
-    head["source_hash"] = "0" * 16
-    path.write_text(json.dumps({"header": head, "entries": {"k|T1024": DEFAULTS["cmp"].to_dict()}}))
-    with pytest.warns(RuntimeWarning, match="stale"):
+    head["triton"] = "0.0.1"
+    entry = DEFAULTS["cmp"].to_dict()
+    path.write_text(json.dumps({"header": head, "entries": {"cmp|T1024": entry}}))
+    with pytest.warns(RuntimeWarning, match="stale.*triton"):
         assert autotune.TuneCache(DEVICE, path).entries == {}
+
+
+def test_entries_of_edited_kernels_are_dropped_alone(cache_dir):
+    """An entry is valid for the kernel sources it tuned: other kinds' entries survive."""
+    head = autotune.header(DEVICE)
+    head["source_hash"]["cmp"] = "0" * 16
+    entry = DEFAULTS["win"].to_dict()
+    path = cache_dir / "nvidia_test_gpu_80gb.json"
+    path.write_text(json.dumps({"header": head, "entries": {
+        "win|T1024": entry, "cmp|T1024": entry, "unknown|T1024": entry}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = autotune.TuneCache(DEVICE, path)
+    assert set(cache.entries) == {"win|T1024"}
+    assert cache.get("cmp|T1024") is None and cache.nearest("cmp|T2048") is None
+
+
+def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
+    """Editing one kernel changes the hash of the kinds that launch it and no other; editing a
+    template's helper changes every kind of that template."""
+    import shutil
+
+    def hashes(edit=None):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        shutil.copytree(autotune.TEMPLATES, root, ignore=shutil.ignore_patterns("tuned"))
+        if edit:
+            path = root / edit[0]
+            path.write_text(path.read_text().replace(edit[1], "# edited\n" + edit[1], 1))
+        monkeypatch.setattr(autotune, "TEMPLATES", root)
+        autotune._functions.cache_clear()
+        autotune.source_hash.cache_clear()
+        try:
+            return {kind: autotune.source_hash(kind) for kind in autotune.KERNELS}
+        finally:
+            autotune._functions.cache_clear()
+            autotune.source_hash.cache_clear()
+
+    base = hashes()
+    kernel = hashes(("nsa_bwd.py", "def nsa_slc_bwd_dkdv_kernel("))
+    helper = hashes(("nsa_bwd.py", "def _probs_and_dscores("))
+    assert {k for k in base if kernel[k] != base[k]} == {"slc_dkdv"}
+    assert {k for k in base if helper[k] != base[k]} == {k for k in base if "_d" in k}
 
 
 def test_no_tuning_while_compiling_or_disabled(cache_dir, monkeypatch):
