@@ -11,7 +11,8 @@ one after another (adding into fp32 buffers), so results are the same run to run
 The compressed and window branches share two kernels — key c sits at position
 c * KEY_STRIDE + KEY_LAST (compressed: c·d + l − 1; window: c) and is seen by queries
 t >= that position (and t < position + WINDOW when WINDOW > 0). The selected branch's dK/dV
-kernel walks, per key block, the list of queries that chose it (the inverted selection).
+kernel walks, per key block, the list of queries that chose it (the inverted selection), long
+lists in chunks whose partial sums a small kernel adds in a fixed order.
 """
 import triton
 import triton.language as tl
@@ -192,52 +193,100 @@ def nsa_slc_bwd_dq_kernel(
 
 @jit_kernel
 def nsa_slc_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, DK_OUT, DV_OUT,
+        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, SLOTS, DK_OUT, DV_OUT, DK_PART,
+        DV_PART,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-        T, n_blocks, scale, gate_fixed,
+        T, n_blocks, q_chunk, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
         ACCUMULATE: tl.constexpr):
-    """dK, dV of the selected branch for one (batch, KV head, selection block j).
+    """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j).
 
     QUERIES[STARTS[g] : STARTS[g + 1]], g = (b·H + h)·n_blocks + j, are the positions that chose
     block j in ascending order; they are taken BLOCK_T at a time with their whole GQA group as
-    the rows of each MMA, so small groups still fill the tensor cores. Axis 0 of the grid is
-    (b, h) so that every head's block 0 — chosen by every query, the longest list — starts
-    first.
+    the rows of each MMA, so small groups still fill the tensor cores. A list is cut into chunks
+    of q_chunk entries (block 0 is chosen by every query: one program per list would leave it
+    running alone): chunk 0 writes DK_OUT/DV_OUT, chunk s >= 1 writes partial slot
+    SLOTS[g] + s - 1 of DK_PART/DV_PART ((slots, LP, D) fp32), which
+    `nsa_slc_bwd_reduce_kernel` adds in slot order. Axis 0 of the grid is the chunk, so a long
+    list's chunks start first.
     """
-    pid_bh = tl.program_id(0)
-    j = tl.program_id(1)
+    s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    j = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    pos = j * LP + tl.arange(0, LP)
-    live = pos < T
-    k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-    v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-    qk_scale = scale * LOG2E
     grp = pid_bh.to(tl.int64) * n_blocks + j
-    start = tl.load(STARTS + grp)
-    end = tl.load(STARTS + grp + 1)
-    r = tl.arange(0, BLOCK_T * G_PAD)
-    gh = r % G_PAD
-    dk = tl.zeros([LP, DK_PAD], tl.float32)
-    dv = tl.zeros([LP, DV_PAD], tl.float32)
-    for e0 in range(start, end, BLOCK_T):
-        e = e0 + r // G_PAD
-        tok = tl.load(QUERIES + e, mask=e < end, other=0)
-        ok = (e < end) & (gh < G)
-        hq = h * G + gh
-        q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
-        do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-        lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
-                                    sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
-        visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
-        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD,
-               ACCUMULATE)
-    store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, ACCUMULATE)
+    start = tl.load(STARTS + grp) + s * q_chunk
+    end = tl.minimum(tl.load(STARTS + grp + 1), start + q_chunk)
+    if (s == 0) | (start < end):
+        r_k = tl.arange(0, LP)
+        pos = j * LP + r_k
+        live = pos < T
+        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        qk_scale = scale * LOG2E
+        r = tl.arange(0, BLOCK_T * G_PAD)
+        gh = r % G_PAD
+        dk = tl.zeros([LP, DK_PAD], tl.float32)
+        dv = tl.zeros([LP, DV_PAD], tl.float32)
+        for e0 in range(start, end, BLOCK_T):
+            e = e0 + r // G_PAD
+            tok = tl.load(QUERIES + e, mask=e < end, other=0)
+            ok = (e < end) & (gh < G)
+            hq = h * G + gh
+            q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+            do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+            lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b,
+                                        sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+            visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
+            p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        if s == 0:
+            store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
+                       DK_PAD, ACCUMULATE)
+            store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
+                       ACCUMULATE)
+        else:
+            slot = tl.load(SLOTS + grp) + s - 1
+            store_rows(DK_PART, dk * scale, slot, h, r_k, live, LP * DK, 0, DK, 1, DK, DK_PAD,
+                       False)
+            store_rows(DV_PART, dv, slot, h, r_k, live, LP * DV, 0, DV, 1, DV, DV_PAD, False)
+
+
+@jit_kernel
+def nsa_slc_bwd_reduce_kernel(
+        DK_PART, DV_PART, SLOTS, DK_OUT, DV_OUT,
+        sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, T, n_blocks,
+        H: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+        DV: tl.constexpr, DV_PAD: tl.constexpr):
+    """DK_OUT/DV_OUT rows of selection block j += its partial slots SLOTS[g] .. SLOTS[g+1] - 1
+    (the chunks s >= 1 of `nsa_slc_bwd_dkdv_kernel`), summed in slot order."""
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1)
+    grp = pid_bh.to(tl.int64) * n_blocks + j
+    lo = tl.load(SLOTS + grp)
+    hi = tl.load(SLOTS + grp + 1)
+    if lo < hi:
+        r = tl.arange(0, LP)
+        pos = j * LP + r
+        live = pos < T
+        dk_d = tl.arange(0, DK_PAD)
+        dv_d = tl.arange(0, DV_PAD)
+        dk_mask = live[:, None] & (dk_d < DK)[None, :]
+        dv_mask = live[:, None] & (dv_d < DV)[None, :]
+        dk = tl.zeros([LP, DK_PAD], tl.float32)
+        dv = tl.zeros([LP, DV_PAD], tl.float32)
+        for slot in range(lo, hi):
+            dk += tl.load(DK_PART + slot * LP * DK + r[:, None] * DK + dk_d[None, :],
+                          mask=dk_mask, other=0.0)
+            dv += tl.load(DV_PART + slot * LP * DV + r[:, None] * DV + dv_d[None, :],
+                          mask=dv_mask, other=0.0)
+        b = pid_bh // H
+        h = pid_bh % H
+        store_rows(DK_OUT, dk, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD, True)
+        store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, True)

@@ -56,7 +56,7 @@ KERNELS = {
     "win_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "win_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
     "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel",)),
-    "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel",)),
+    "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel", "nsa_slc_bwd_reduce_kernel")),
 }
 
 DEFAULTS = {

@@ -92,6 +92,28 @@ def test_triton_backward_split_compressed_walk(name, monkeypatch):
     test_triton_backward_matches_reference(name)
 
 
+@pytest.mark.parametrize("name", ["selected-only-G8-T70", "all-learned-T37-G2"])
+def test_triton_backward_split_selection_lists(name, monkeypatch):
+    """Long inverted-selection lists cut into chunks whose partial dK/dV the reduce kernel adds
+    (on the GPU from 512 entries on)."""
+    from nsa_compile.kernels.nsa import triton_bwd
+    monkeypatch.setattr(triton_bwd, "MIN_LIST_CHUNK", 4)
+    monkeypatch.setattr(triton_bwd, "MAX_LIST_CHUNK", 4)
+    slots = []
+    partial_slots = triton_bwd.partial_slots
+    monkeypatch.setattr(triton_bwd, "partial_slots",
+                        lambda *a: slots.append(partial_slots(*a)) or slots[-1])
+    test_triton_backward_matches_reference(name)
+    assert slots and slots[-1][-1] > 0  # some lists did run in several chunks
+
+
+def test_partial_slots_count_the_chunks_after_each_lists_first():
+    from nsa_compile.kernels.nsa.triton_bwd import list_chunk, partial_slots
+    starts = torch.tensor([0, 10, 10, 13, 17])  # lists of 10, 0, 3 and 4 entries
+    assert partial_slots(starts, 4).tolist() == [0, 2, 2, 2, 2]
+    assert list_chunk(10 ** 6, 12, torch.device("cpu")) % 12 == 0
+
+
 def test_triton_backward_strided_inputs_and_gradients():
     """Non-contiguous q/k/v/gates: read through their strides, gradients in the same strides."""
     test_triton_backward_matches_reference("all-learned-T37-G2", transposed=True)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...templates.nsa_bwd import (nsa_bwd_delta_kernel, nsa_dense_bwd_dkdv_kernel,
                                   nsa_dense_bwd_dq_kernel, nsa_slc_bwd_dkdv_kernel,
-                                  nsa_slc_bwd_dq_kernel)
+                                  nsa_slc_bwd_dq_kernel, nsa_slc_bwd_reduce_kernel)
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
@@ -23,13 +23,34 @@ from .triton_fwd import _pow2, launch_geometry, shape_keys
 
 # The compressed dK/dV walk over queries is split into chunks of at least this many queries.
 MIN_SPLIT_QUERIES = 4096
+# The selected dK/dV kernel takes a block's list of choosing queries in chunks of this many
+# entries at most (and at least MIN_LIST_CHUNK, so the partial sums stay few).
+MIN_LIST_CHUNK, MAX_LIST_CHUNK = 512, 4096
+
+
+def _sms(device: torch.device) -> int:
+    return (torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda" else 8)
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
     """Query chunks for the compressed dK/dV kernel: enough programs for ~4 per SM."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 8)
-    return max(1, min(T // MIN_SPLIT_QUERIES, triton.cdiv(4 * sms, tiles)))
+    return max(1, min(T // MIN_SPLIT_QUERIES, triton.cdiv(4 * _sms(device), tiles)))
+
+
+def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
+    """Entries per program of the selected dK/dV kernel, a multiple of block_t: about an
+    eighth of an SM's share of all `entries`, so no list (block 0's holds every query) runs
+    much longer than the rest of the kernel."""
+    chunk = min(MAX_LIST_CHUNK, max(MIN_LIST_CHUNK, entries // (8 * _sms(device))))
+    return triton.cdiv(chunk, block_t) * block_t
+
+
+def partial_slots(starts: Tensor, chunk: int) -> Tensor:
+    """Where each list's chunks s >= 1 keep their partial dK/dV: (groups + 1,) int64 offsets,
+    list g's in slots [out[g], out[g + 1])."""
+    extra = (starts.diff() - 1).clamp_(min=0) // chunk
+    return torch.cat([extra.new_zeros(1), extra.cumsum(0)])
 
 
 def invert_selection(block_idx: Tensor, n_blocks: int) -> Tuple[Tensor, Tensor]:
@@ -149,17 +170,30 @@ class _Backward:
         self.wrote_dq = True
 
     def selected_dkdv(self, queries: Tensor, starts: Tensor) -> None:
-        """dK/dV of the selected branch from the inverted selection (`invert_selection`)."""
+        """dK/dV of the selected branch from the inverted selection (`invert_selection`):
+        lists in chunks of `list_chunk` entries, the chunks after a list's first summed into
+        dK/dV in order by the reduce kernel (deterministic, no host sync)."""
         lse, delta, slot, fixed = self._branch("selected")
         p = self.params
         n_blocks = num_selection_blocks(self.T, p.select_block)
         cfg, g_pad, block_t = self._rows("slc_dkdv")
-        nsa_slc_bwd_dkdv_kernel[(self.B * self.H, n_blocks)](
-            self.q, self.k, self.v, self.do, lse, delta, self.gates, queries, starts, self.dk,
-            self.dv, *self._strides(self.k, self.v), *self.dk.stride(), *self.dv.stride(),
-            self.T, n_blocks, p.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, LP=p.select_block,
-            SLOT=slot, ACCUMULATE=self.wrote_dkv, num_warps=cfg.num_warps,
+        entries = self.B * self.H * self.T * min(p.select_count, n_blocks)
+        chunk = list_chunk(entries, block_t, self.q.device)
+        slots = partial_slots(starts, chunk)
+        n_slots = entries // chunk + 1  # >= slots[-1]: sum over lists of (len - 1) // chunk
+        dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
+        dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
+        out_strides = (*self.dk.stride(), *self.dv.stride())
+        nsa_slc_bwd_dkdv_kernel[(triton.cdiv(self.T, chunk), self.B * self.H, n_blocks)](
+            self.q, self.k, self.v, self.do, lse, delta, self.gates, queries, starts, slots,
+            self.dk, self.dv, dk_part, dv_part, *self._strides(self.k, self.v), *out_strides,
+            self.T, n_blocks, chunk, p.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t,
+            LP=p.select_block, SLOT=slot, ACCUMULATE=self.wrote_dkv, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **self.common)
+        nsa_slc_bwd_reduce_kernel[(self.B * self.H, n_blocks)](
+            dk_part, dv_part, slots, self.dk, self.dv, *out_strides, self.T, n_blocks, H=self.H,
+            LP=p.select_block, DK=self.common["DK"], DK_PAD=self.common["DK_PAD"],
+            DV=self.common["DV"], DV_PAD=self.common["DV_PAD"])
         self.wrote_dkv = True
 
 
