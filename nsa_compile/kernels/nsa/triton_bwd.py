@@ -21,8 +21,9 @@ from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
 from .triton_fwd import _pow2, launch_geometry, shape_keys
 
-# The compressed dK/dV walk over queries is split into chunks of at least this many queries.
-MIN_SPLIT_QUERIES = 4096
+# The compressed dK/dV walk over queries is split into chunks of at least MIN_SPLIT_QUERIES
+# queries, aiming at SPLIT_PROGRAMS_PER_SM programs per SM.
+MIN_SPLIT_QUERIES, SPLIT_PROGRAMS_PER_SM = 1024, 4
 # The selected dK/dV kernel takes a block's list of choosing queries in chunks of this many
 # entries at most (and at least MIN_LIST_CHUNK, so the partial sums stay few).
 MIN_LIST_CHUNK, MAX_LIST_CHUNK = 512, 4096
@@ -34,8 +35,10 @@ def _sms(device: torch.device) -> int:
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
-    """Query chunks for the compressed dK/dV kernel: enough programs for ~4 per SM."""
-    return max(1, min(T // MIN_SPLIT_QUERIES, triton.cdiv(4 * _sms(device), tiles)))
+    """Query chunks for the compressed dK/dV kernel: enough programs for
+    SPLIT_PROGRAMS_PER_SM per SM."""
+    return max(1, min(T // MIN_SPLIT_QUERIES,
+                      triton.cdiv(SPLIT_PROGRAMS_PER_SM * _sms(device), tiles)))
 
 
 def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
