@@ -141,3 +141,22 @@ def test_cache_hit_launches_no_kernel(cache_dir, monkeypatch):
         monkeypatch.setattr(triton_fwd, name, lambda *a, **kw: pytest.fail("launched a kernel"))
     got = triton_fwd.tuned_configs(q, k, k, None, k[:, :, :15], k[:, :, :15], p)
     assert got == {kind: DEFAULTS[kind] for kind in ("cmp", "sel", "slc", "win")}
+
+
+def test_shipped_caches_are_current_format_and_in_their_spaces():
+    """Every shipped file loads in this format and its entries are configs of their kind's
+    space, keyed like `shape_key` makes them (a shrunk space or a renamed kind shows here)."""
+    files = sorted(autotune.SHIPPED.glob("*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        head = data["header"]
+        assert head["format"] == autotune.FORMAT_VERSION
+        assert set(head["source_hash"]) == set(autotune.KERNELS)
+        assert path.name == autotune.device_slug(head["device"]) + ".json"
+        for key, cfg in data["entries"].items():
+            kind, dtype, dk, dv, g, _, _ = key.split("|")
+            dk, dv, g = int(dk[2:]), int(dv[2:]), int(g[1:])
+            elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            g_pad = 1 << (g - 1).bit_length()  # the tuner's padded group
+            assert KernelConfig.from_dict(cfg) in candidates(kind, g_pad, dk, dv, elem), key
