@@ -24,7 +24,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import torch
 
@@ -40,27 +40,36 @@ MIN_BUCKET, MAX_BUCKET = 1024, 1 << 17
 
 
 @functools.lru_cache(maxsize=None)
-def _functions(module: str) -> Dict[str, str]:
-    """Source of each top-level function of a template module (decorators included)."""
+def _functions(module: str) -> Dict[str, Tuple[str, FrozenSet[str]]]:
+    """(source with decorators, names it uses) of each top-level function of a template."""
     text = (TEMPLATES / f"{module}.py").read_text()
     lines = text.splitlines()
     out = {}
     for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef):
             first = min([d.lineno for d in node.decorator_list] + [node.lineno])
-            out[node.name] = "\n".join(lines[first - 1:node.end_lineno])
+            names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+            out[node.name] = ("\n".join(lines[first - 1:node.end_lineno]), names)
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def source_hash(kind: str) -> str:
     """Hash of what a kind's tuned block sizes depend on: its kernels (`KERNELS`), the helpers
-    of their template module (functions not named *_kernel), nsa_common, the kind's config
-    space and the pruning rules. A change makes that kind's entries stale, and only those."""
+    of their template module that they call (directly or through each other), nsa_common,
+    the kind's config space and the pruning rules. A change makes that kind's entries stale,
+    and only those."""
     module, kernels = KERNELS[kind]
+    funcs = _functions(module)
+    used, todo = set(kernels), list(kernels)
+    while todo:
+        for name in funcs[todo.pop()][1]:
+            if name in funcs and name not in used:
+                used.add(name)
+                todo.append(name)
     h = hashlib.sha256((TEMPLATES / "nsa_common.py").read_bytes())
-    for name, src in sorted(_functions(module).items()):
-        if name in kernels or not name.endswith("_kernel"):
+    for name, (src, _) in sorted(funcs.items()):
+        if name in used:
             h.update(src.encode())
     h.update(repr(sorted(nsa_configs.SPACES[kind].items())).encode())
     h.update(inspect.getsource(nsa_configs._fits).encode())

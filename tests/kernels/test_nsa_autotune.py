@@ -83,15 +83,19 @@ def test_entries_of_edited_kernels_are_dropped_alone(cache_dir):
 
 def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
     """Editing one kernel changes the hash of the kinds that launch it and no other; editing a
-    template's helper changes every kind of that template."""
+    template's helper changes the kinds whose kernels call it; a new helper nobody calls
+    changes nothing."""
     import shutil
+    templates = autotune.TEMPLATES
 
     def hashes(edit=None):
         root = tmp_path / str(len(list(tmp_path.iterdir())))
-        shutil.copytree(autotune.TEMPLATES, root, ignore=shutil.ignore_patterns("tuned"))
+        shutil.copytree(templates, root, ignore=shutil.ignore_patterns("tuned"))
         if edit:
             path = root / edit[0]
-            path.write_text(path.read_text().replace(edit[1], "# edited\n" + edit[1], 1))
+            text = path.read_text()
+            assert edit[1] in text
+            path.write_text(text.replace(edit[1], edit[2] + edit[1], 1))
         monkeypatch.setattr(autotune, "TEMPLATES", root)
         autotune._functions.cache_clear()
         autotune.source_hash.cache_clear()
@@ -102,10 +106,13 @@ def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
             autotune.source_hash.cache_clear()
 
     base = hashes()
-    kernel = hashes(("nsa_bwd.py", "def nsa_slc_bwd_dkdv_kernel("))
-    helper = hashes(("nsa_bwd.py", "def _probs_and_dscores("))
+    kernel = hashes(("nsa_bwd.py", "def nsa_slc_bwd_dkdv_kernel(", "# edited\n"))
+    helper = hashes(("nsa_bwd.py", "def _probs_and_dscores(", "# edited\n"))
+    unused = hashes(("nsa_bwd.py", "@triton.jit\ndef _row_stats(",
+                     "@triton.jit\ndef _unused(x):\n    return x\n\n\n"))
     assert {k for k in base if kernel[k] != base[k]} == {"slc_dkdv"}
     assert {k for k in base if helper[k] != base[k]} == {k for k in base if "_d" in k}
+    assert unused == base
 
 
 def test_no_tuning_while_compiling_or_disabled(cache_dir, monkeypatch):
