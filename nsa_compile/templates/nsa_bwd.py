@@ -57,16 +57,6 @@ def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
-def _probs_and_dscores_t(q, do, k, v, visible_t, lse2, delta, g, qk_scale):
-    """The same tile transposed, (keys × rows): the dK/dV MMAs take g·Pᵀ and dSᵀ as their left
-    operand as they are, where transposing an MMA result would go through shared memory."""
-    s_t = tl.dot(k, tl.trans(q)) * qk_scale
-    p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0) * g[None, :]
-    dp_t = tl.dot(v, tl.trans(do))
-    return p_t, p_t * (dp_t - delta[None, :])
-
-
 @jit_kernel
 def nsa_dense_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, GATES, DQ,
@@ -152,12 +142,12 @@ def nsa_dense_bwd_dkdv_kernel(
         do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
         lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
                                     sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
-        visible_t = (pos[:, None] <= tok[None, :]) & live[:, None]
+        visible = (pos[None, :] <= tok[:, None]) & live[None, :]
         if WINDOW > 0:
-            visible_t = visible_t & (pos[:, None] > tok[None, :] - WINDOW)
-        p_t, ds_t = _probs_and_dscores_t(q, do, k, v, visible_t, lse2, delta, g, qk_scale)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dk += tl.dot(ds_t.to(q.dtype), q)
+            visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
+        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     store_rows(DK_OUT + split, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                DK_PAD, ACCUMULATE)
     store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
@@ -252,10 +242,10 @@ def nsa_slc_bwd_dkdv_kernel(
             do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
             lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b,
                                         sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
-            visible_t = (pos[:, None] <= tok[None, :]) & ok[None, :]
-            p_t, ds_t = _probs_and_dscores_t(q, do, k, v, visible_t, lse2, delta, g, qk_scale)
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
+            p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         if s == 0:
             store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                        DK_PAD, ACCUMULATE)
