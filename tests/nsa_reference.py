@@ -15,8 +15,7 @@ from nsa_compile.kernels.nsa.params import NSAParams, num_selection_blocks
 # tests' lengths) and NSA parameters small enough for T of a few dozen.
 SMALL = {kind: KernelConfig(16, 16, 4, 1) for kind in ("cmp", "sel", "win", "cmp_dq", "cmp_dkdv",
                                                        "win_dq", "win_dkdv", "slc_dkdv")}
-SMALL.update(slc=KernelConfig(16, 4, 4, 1),  # 4 positions per program
-             slc_dq=KernelConfig(16, 0, 4, 1))
+SMALL.update(slc=KernelConfig(16, 0, 4, 1), slc_dq=KernelConfig(16, 0, 4, 1))
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 

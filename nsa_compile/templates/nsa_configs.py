@@ -29,9 +29,8 @@ SPACES = {
     "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,)),
     # top-n selection: block_n is the number of selection blocks scored per step (NJ)
     "sel": dict(block_m=(64, 128, 256), block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2)),
-    # selected branch: block_m is the padded group; block_n positions per program, taken one
-    # after another (0 = 1)
-    "slc": dict(block_m=(16,), block_n=(1, 4, 16), num_warps=(2, 4, 8), num_stages=(1, 2)),
+    # selected branch: one position per program, block_m is the padded group; block_n unused
+    "slc": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # backward, compressed/window branch: block_m query rows, block_n keys per tile
     "cmp_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
@@ -63,7 +62,7 @@ KERNELS = {
 DEFAULTS = {
     "cmp": KernelConfig(64, 64, 4, 2),
     "sel": KernelConfig(64, 16, 4, 2),
-    "slc": KernelConfig(16, 1, 4, 2),
+    "slc": KernelConfig(16, 0, 4, 2),
     "win": KernelConfig(64, 64, 4, 2),
     "cmp_dq": KernelConfig(64, 64, 4, 2),
     "cmp_dkdv": KernelConfig(64, 64, 8, 2),

@@ -140,38 +140,35 @@ def nsa_slc_fwd_kernel(
         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
         SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
-    """Selected-block attention for one (batch, KV head, BLOCK_T consecutive query positions,
-    taken one after another): the G query heads of a position share its n blocks; G_PAD >= 16
-    rows feed the MMA. Neighbouring positions share their forced blocks (the first and the
-    local ones), which the later positions of a program then read from the SM's L1."""
-    t0 = tl.program_id(0) * BLOCK_T
+    """Selected-block attention for one (batch, KV head, query position): the G query heads of
+    the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
+    t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
+    q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     qk_scale = scale * LOG2E
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    # All n indices in one load; a slot with no block (-1) is a fully masked tile, so the loop
+    # has no branch and Triton can pipeline the K/V loads.
     slots = tl.arange(0, N_PAD)
-    for t in range(t0, tl.minimum(t0 + BLOCK_T, T)):
-        tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
-        q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-        # All n indices in one load; a slot with no block (-1) is a fully masked tile, so the
-        # loop has no branch and Triton can pipeline the K/V loads.
-        blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
-        for s_i in range(N):
-            j = tl.sum(tl.where(slots == s_i, blocks, 0))
-            pos = j * LP + tl.arange(0, LP)
-            live = (pos <= t) & (j >= 0)
-            k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-            v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
-        o, lse = finish_softmax(m_i, l_i, acc)
-        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
-                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+    blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
+    for s_i in range(N):
+        j = tl.sum(tl.where(slots == s_i, blocks, 0))
+        pos = j * LP + tl.arange(0, LP)
+        live = (pos <= t) & (j >= 0)
+        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+    o, lse = finish_softmax(m_i, l_i, acc)
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
 
 
 @jit_kernel

@@ -127,10 +127,9 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     slot = p.gate_slot("selected")
     lse = a.lse()
     ob, save = a.saved("selected")
-    block_t = max(1, cfg.block_n)  # positions per program, one after another
-    nsa_slc_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+    nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
         a.q, a.k, a.v, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale, a.fixed[slot],
-        G_PAD=_pow2(a.G, 16), BLOCK_T=block_t, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
+        G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
         SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **a.common)
     return lse
