@@ -162,16 +162,21 @@ class TuneCache:
         self.entries[key] = cfg.to_dict()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"header": header(self.device_name), "entries": dict(sorted(self.entries.items()))}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        _write_json(self.path, {"header": header(self.device_name),
+                                "entries": dict(sorted(self.entries.items()))})
+
+
+def _write_json(path: Path, data: Dict) -> None:
+    """Atomic: a temp file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 _caches: Dict[str, TuneCache] = {}
@@ -189,6 +194,40 @@ def shipped_cache(device_name: str) -> TuneCache:
     if device_name not in _shipped:
         _shipped[device_name] = TuneCache(device_name, SHIPPED / f"{device_slug(device_name)}.json")
     return _shipped[device_name]
+
+
+def merge_into_shipped(paths: Iterable[Path]) -> Path:
+    """Adds the entries of tuned cache files (fetched from a GPU run with NSA_COMPILE_CACHE_DIR
+    set) to their GPU's shipped file in `templates/tuned/` — the developer's step after
+    re-tuning a changed kernel. The files must have tuned this checkout's kernel sources and
+    agree on device, torch and Triton; shipped entries from other versions, or of kinds whose
+    sources changed, are dropped. Returns the shipped file's path."""
+    loaded = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
+    if not loaded:
+        raise ValueError("merge_into_shipped: no cache files given")
+    head = loaded[0][1]["header"]
+    versions = ("format", "device", "torch", "triton")
+    sources = {kind: source_hash(kind) for kind in sorted(KERNELS)}
+    for path, data in loaded:
+        if data["header"].get("source_hash") != sources or head["format"] != FORMAT_VERSION:
+            raise ValueError(f"{path}: tuned other kernel sources (or cache format) than this "
+                             "checkout's; re-tune with this checkout")
+        if any(data["header"].get(k) != head.get(k) for k in versions):
+            raise ValueError(f"{path}: device/torch/Triton differ from {loaded[0][0]}")
+    ship = SHIPPED / f"{device_slug(head['device'])}.json"
+    entries = {}
+    if ship.exists():
+        old = json.loads(ship.read_text())
+        if all(old["header"].get(k) == head[k] for k in versions):
+            current = {kind for kind, h in old["header"]["source_hash"].items()
+                       if sources.get(kind) == h}
+            entries = {k: e for k, e in old["entries"].items() if kind_of(k) in current}
+    for _, data in loaded:
+        entries.update(data["entries"])
+    _write_json(ship, {"header": {**head, "source_hash": sources},
+                       "entries": dict(sorted(entries.items()))})
+    _shipped.pop(head["device"], None)
+    return ship
 
 
 def tuning_allowed() -> bool:

@@ -167,3 +167,28 @@ def test_shipped_caches_are_current_format_and_in_their_spaces():
             elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
             g_pad = 1 << (g - 1).bit_length()  # the tuner's padded group
             assert KernelConfig.from_dict(cfg) in candidates(kind, g_pad, dk, dv, elem), key
+
+
+def test_merge_into_shipped_adds_current_entries_and_refuses_other_sources(cache_dir):
+    """Entries tuned on a GPU box (whose torch may differ from this machine's) join the shipped
+    file; shipped entries of other versions are dropped, files of other sources refused."""
+    tuned, kept = KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 1)
+    gpu_head = {**autotune.header(DEVICE), "torch": "2.11.0+cu130"}
+    new_key = autotune.shape_key("win", torch.bfloat16, 128, 128, 4, NSA, 65536)
+    old_key = autotune.shape_key("cmp", torch.bfloat16, 128, 128, 4, NSA, 65536)
+    stale_key = autotune.shape_key("sel", torch.bfloat16, 128, 128, 4, NSA, 65536)
+    shipped_head = {**gpu_head, "source_hash": {**gpu_head["source_hash"], "sel": "0" * 16}}
+    autotune.SHIPPED.mkdir()
+    (autotune.SHIPPED / "nvidia_test_gpu_80gb.json").write_text(json.dumps({
+        "header": shipped_head,
+        "entries": {old_key: kept.to_dict(), stale_key: kept.to_dict()}}))
+    run = cache_dir / "run.json"
+    run.write_text(json.dumps({"header": gpu_head, "entries": {new_key: tuned.to_dict()}}))
+    path = autotune.merge_into_shipped([run])
+    data = json.loads(path.read_text())
+    assert data["header"] == gpu_head
+    assert data["entries"] == {new_key: tuned.to_dict(), old_key: kept.to_dict()}
+    other = {**gpu_head, "source_hash": {**gpu_head["source_hash"], "win": "0" * 16}}
+    run.write_text(json.dumps({"header": other, "entries": {new_key: tuned.to_dict()}}))
+    with pytest.raises(ValueError, match="other kernel sources"):
+        autotune.merge_into_shipped([run])
