@@ -272,21 +272,15 @@ def nsa_slc_bwd_reduce_kernel(
     lo = tl.load(SLOTS + grp)
     hi = tl.load(SLOTS + grp + 1)
     if lo < hi:
+        b = pid_bh // H
+        h = pid_bh % H
         r = tl.arange(0, LP)
         pos = j * LP + r
         live = pos < T
-        dk_d = tl.arange(0, DK_PAD)
-        dv_d = tl.arange(0, DV_PAD)
-        dk_mask = live[:, None] & (dk_d < DK)[None, :]
-        dv_mask = live[:, None] & (dv_d < DV)[None, :]
         dk = tl.zeros([LP, DK_PAD], tl.float32)
         dv = tl.zeros([LP, DV_PAD], tl.float32)
-        for slot in range(lo, hi):
-            dk += tl.load(DK_PART + slot * LP * DK + r[:, None] * DK + dk_d[None, :],
-                          mask=dk_mask, other=0.0)
-            dv += tl.load(DV_PART + slot * LP * DV + r[:, None] * DV + dv_d[None, :],
-                          mask=dv_mask, other=0.0)
-        b = pid_bh // H
-        h = pid_bh % H
+        for slot in range(lo, hi):  # slot's rows as the dK/dV kernel stored them
+            dk += load_keys(DK_PART, slot, h, r, live, LP * DK, 0, DK, 1, DK, DK_PAD)
+            dv += load_keys(DV_PART, slot, h, r, live, LP * DV, 0, DV, 1, DV, DV_PAD)
         store_rows(DK_OUT, dk, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD, True)
         store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, True)

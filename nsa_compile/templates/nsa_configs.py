@@ -44,7 +44,7 @@ SPACES = {
 }
 
 # The kernels whose block sizes each kind picks: (template module, kernel names). An autotune
-# entry stays valid while these kernels, their module's helpers, nsa_common and the kind's
+# entry stays valid while these kernels, the module helpers they call, nsa_common and the kind's
 # config space are unchanged (`autotune.source_hash`).
 KERNELS = {
     "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
@@ -56,7 +56,8 @@ KERNELS = {
     "win_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "win_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
     "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel",)),
-    "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel", "nsa_slc_bwd_reduce_kernel")),
+    # the reduce kernel after it runs untuned (one program per selection block)
+    "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel",)),
 }
 
 DEFAULTS = {
