@@ -279,7 +279,8 @@ def nsa_slc_bwd_reduce_kernel(
         live = pos < T
         dk = tl.zeros([LP, DK_PAD], tl.float32)
         dv = tl.zeros([LP, DV_PAD], tl.float32)
-        for slot in range(lo, hi):  # slot's rows as the dK/dV kernel stored them
+        for i in range(0, hi - lo):  # slot lo + i's rows, as the dK/dV kernel stored them
+            slot = lo + i
             dk += load_keys(DK_PART, slot, h, r, live, LP * DK, 0, DK, 1, DK, DK_PAD)
             dv += load_keys(DV_PART, slot, h, r, live, LP * DV, 0, DV, 1, DV, DV_PAD)
         store_rows(DK_OUT, dk, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD, True)
