@@ -100,11 +100,30 @@ def shape_key(kernel: str, dtype: torch.dtype, dk: int, dv: int, group: int, nsa
             f"nsa{'-'.join(str(int(x)) for x in nsa)}|T{length_bucket(T)}")
 
 
+# Header fields a cache file must share with its reader (the source hashes are per kind).
+VERSIONS = ("format", "device", "torch", "triton")
+
+
+def source_hashes() -> Dict[str, str]:
+    return {kind: source_hash(kind) for kind in sorted(KERNELS)}
+
+
 def header(device_name: str) -> Dict[str, str]:
     import triton
     return {"format": FORMAT_VERSION, "device": device_name, "torch": torch.__version__,
-            "triton": triton.__version__,
-            "source_hash": {kind: source_hash(kind) for kind in sorted(KERNELS)}}
+            "triton": triton.__version__, "source_hash": source_hashes()}
+
+
+def current_entries(head: Dict, entries: Dict[str, Dict]) -> Dict[str, Dict]:
+    """The entries whose kind's source hash in `head` matches this checkout's kernels."""
+    sources = head.get("source_hash")
+    sources = sources if isinstance(sources, dict) else {}
+    current = {kind for kind, h in source_hashes().items() if sources.get(kind) == h}
+    return {k: e for k, e in entries.items() if kind_of(k) in current}
+
+
+def _shipped_path(device_name: str) -> Path:
+    return SHIPPED / f"{device_slug(device_name)}.json"
 
 
 class TuneCache:
@@ -128,16 +147,13 @@ class TuneCache:
                           "it will be rewritten", RuntimeWarning, stacklevel=3)
             return
         expected = header(self.device_name)
-        stale = [k for k in ("format", "device", "torch", "triton") if head.get(k) != expected[k]]
+        stale = [k for k in VERSIONS if head.get(k) != expected[k]]
         if stale:
             warnings.warn(f"nsa_compile: ignoring stale autotune cache {self.path} "
                           f"({', '.join(stale)} changed); it will be rewritten",
                           RuntimeWarning, stacklevel=3)
             return
-        sources = head.get("source_hash")
-        sources = sources if isinstance(sources, dict) else {}
-        current = {kind for kind, h in expected["source_hash"].items() if sources.get(kind) == h}
-        self.entries = {k: e for k, e in entries.items() if kind_of(k) in current}
+        self.entries = current_entries(head, entries)
         if len(self.entries) < len(entries):
             log.info("%s: %d of %d entries tuned older kernel sources; they will be re-tuned",
                      self.path, len(entries) - len(self.entries), len(entries))
@@ -192,7 +208,7 @@ def user_cache(device_name: str) -> TuneCache:
 
 def shipped_cache(device_name: str) -> TuneCache:
     if device_name not in _shipped:
-        _shipped[device_name] = TuneCache(device_name, SHIPPED / f"{device_slug(device_name)}.json")
+        _shipped[device_name] = TuneCache(device_name, _shipped_path(device_name))
     return _shipped[device_name]
 
 
@@ -206,25 +222,22 @@ def merge_into_shipped(paths: Iterable[Path]) -> Path:
     if not loaded:
         raise ValueError("merge_into_shipped: no cache files given")
     head = loaded[0][1]["header"]
-    versions = ("format", "device", "torch", "triton")
-    sources = {kind: source_hash(kind) for kind in sorted(KERNELS)}
-    for path, data in loaded:
-        if data["header"].get("source_hash") != sources or head["format"] != FORMAT_VERSION:
+    sources = source_hashes()
+    for path, data in loaded:  # the others' format is checked against the first's below
+        if data["header"].get("source_hash") != sources or head.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: tuned other kernel sources (or cache format) than this "
                              "checkout's; re-tune with this checkout")
-        if any(data["header"].get(k) != head.get(k) for k in versions):
+        if any(data["header"].get(k) != head.get(k) for k in VERSIONS):
             raise ValueError(f"{path}: device/torch/Triton differ from {loaded[0][0]}")
-    ship = SHIPPED / f"{device_slug(head['device'])}.json"
+    ship = _shipped_path(head["device"])
     entries = {}
     if ship.exists():
         old = json.loads(ship.read_text())
-        if all(old["header"].get(k) == head[k] for k in versions):
-            current = {kind for kind, h in old["header"]["source_hash"].items()
-                       if sources.get(kind) == h}
-            entries = {k: e for k, e in old["entries"].items() if kind_of(k) in current}
+        if all(old["header"].get(k) == head[k] for k in VERSIONS):
+            entries = current_entries(old["header"], old["entries"])
     for _, data in loaded:
         entries.update(data["entries"])
-    _write_json(ship, {"header": {**head, "source_hash": sources},
+    _write_json(ship, {"header": head,
                        "entries": dict(sorted(entries.items()))})
     _shipped.pop(head["device"], None)
     return ship
