@@ -16,6 +16,11 @@ from nsa_compile.kernels.nsa.params import NSAParams, num_selection_blocks
 SMALL = {kind: KernelConfig(16, 16, 4, 1) for kind in ("cmp", "sel", "win", "cmp_dq", "cmp_dkdv",
                                                        "win_dq", "win_dkdv", "slc_dkdv")}
 SMALL.update(slc=KernelConfig(16, 0, 4, 1), slc_dq=KernelConfig(16, 0, 4, 1))
+# The selected branch's block-by-block variants: forward, and dQ fused into dK/dV.
+SMALL_BLOCKS = dict(slc=KernelConfig(16, 1, 4, 1), slc_dq=KernelConfig(16, 1, 4, 1))
+# GPU block sizes forcing each loop order of the selected branch (the rest: DEFAULTS).
+GPU_ORDERS = dict(positions=dict(slc=KernelConfig(16, 0, 4, 2), slc_dq=KernelConfig(16, 0, 4, 2)),
+                  blocks=dict(slc=KernelConfig(64, 1, 4, 2), slc_dq=KernelConfig(16, 1, 4, 1)))
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 

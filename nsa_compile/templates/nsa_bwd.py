@@ -12,7 +12,8 @@ The compressed and window branches share two kernels — key c sits at position
 c * KEY_STRIDE + KEY_LAST (compressed: c·d + l − 1; window: c) and is seen by queries
 t >= that position (and t < position + WINDOW when WINDOW > 0). The selected branch's dK/dV
 kernel walks, per key block, the list of queries that chose it (the inverted selection), long
-lists in chunks whose partial sums a small kernel adds in a fixed order.
+lists in chunks whose partial sums a small kernel adds in a fixed order; at small groups it
+also writes each (query, slot) pair's share of dQ, which a merge kernel sums per query.
 """
 import triton
 import triton.language as tl
@@ -193,8 +194,8 @@ def nsa_slc_bwd_dq_kernel(
 
 @jit_kernel
 def nsa_slc_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, SLOTS, DK_OUT, DV_OUT, DK_PART,
-        DV_PART,
+        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, PAIRS, SLOTS, DK_OUT, DV_OUT, DK_PART,
+        DV_PART, DQ_PART,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
@@ -202,8 +203,10 @@ def nsa_slc_bwd_dkdv_kernel(
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
-    """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j).
+        ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr):
+    """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), and
+    with FUSE_DQ each (query, slot) pair's share of dQ, dS·K of this block, at row PAIRS[e] of
+    DQ_PART (pairs, G, DK) fp32 for `nsa_slc_bwd_dq_merge_kernel` to sum.
 
     QUERIES[STARTS[g] : STARTS[g + 1]], g = (b·H + h)·n_blocks + j, are the positions that chose
     block j in ascending order; they are taken BLOCK_T at a time with their whole GQA group as
@@ -222,7 +225,10 @@ def nsa_slc_bwd_dkdv_kernel(
     grp = pid_bh.to(tl.int64) * n_blocks + j
     start = tl.load(STARTS + grp) + s * q_chunk
     end = tl.minimum(tl.load(STARTS + grp + 1), start + q_chunk)
-    if (s == 0) | (start < end):
+    needed = start < end
+    if not ACCUMULATE:
+        needed = needed | (s == 0)  # chunk 0 writes every block, zeros where none chose it
+    if needed:
         r_k = tl.arange(0, LP)
         pos = j * LP + r_k
         live = pos < T
@@ -246,6 +252,10 @@ def nsa_slc_bwd_dkdv_kernel(
             p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if FUSE_DQ:
+                pair = tl.load(PAIRS + e, mask=e < end, other=0)
+                store_rows(DQ_PART, tl.dot(ds.to(k.dtype), k) * scale, b, gh, pair, ok, 0, DK,
+                           G * DK, 1, DK, DK_PAD, False)
         if s == 0:
             store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                        DK_PAD, ACCUMULATE)
@@ -285,3 +295,25 @@ def nsa_slc_bwd_reduce_kernel(
             dv += load_keys(DV_PART, slot, h, r, live, LP * DV, 0, DV, 1, DV, DV_PAD)
         store_rows(DK_OUT, dk, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD, True)
         store_rows(DV_OUT, dv, b, h, pos, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, True)
+
+
+@jit_kernel
+def nsa_slc_bwd_dq_merge_kernel(
+        IDX, DQ_PART, DQ, sdq_b, sdq_h, sdq_t, sdq_d, T, t_lo, n_pos,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        N: tl.constexpr, N_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
+    """Selected-branch dQ of positions [t_lo, t_lo + n_pos) for one (batch, KV head, tile):
+    the sum, in slot order, of the pairs' shares the fused dK/dV kernel wrote."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rel, hq, ok = gqa_rows(tl.program_id(0) * BLOCK_T, h, n_pos, G, G_PAD, BLOCK_T)
+    tok = t_lo + rel
+    gh = hq - h * G
+    dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
+    for s_i in range(N):
+        blk = tl.load(IDX + (pid_bh.to(tl.int64) * T + tok) * N_PAD + s_i, mask=ok, other=-1)
+        pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
+        dq += load_rows(DQ_PART, b, gh, pair, ok & (blk >= 0), 0, DK, G * DK, 1, DK, DK_PAD)
+    store_rows(DQ, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, ACCUMULATE)

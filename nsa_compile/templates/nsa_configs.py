@@ -29,17 +29,20 @@ SPACES = {
     "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,)),
     # top-n selection: block_n is the number of selection blocks scored per step (NJ)
     "sel": dict(block_m=(64, 128, 256), block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2)),
-    # selected branch: one position per program, block_m is the padded group; block_n unused
-    "slc": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
+    # selected branch: block_n 0 — one position per program, block_m is the padded group (16);
+    # block_n 1 — one selection block per program over the queries that chose it, block_m rows
+    "slc": dict(block_m=(16, 32, 64, 128), block_n=(0, 1), num_warps=(2, 4, 8),
+                num_stages=(1, 2)),
     "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # backward, compressed/window branch: block_m query rows, block_n keys per tile
     "cmp_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
     "cmp_dkdv": dict(block_m=(32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
     "win_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
     "win_dkdv": dict(block_m=(32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
-    # backward, selected branch: dq one position per program (block_m = padded group);
+    # backward, selected branch: dq block_n 0 — one position per program (block_m = padded
+    # group), 1 — fused into dkdv (no launch of its own: one candidate stands for it);
     # dkdv block_m query rows per step over a block's inverted selection
-    "slc_dq": dict(block_m=(16,), block_n=(0,), num_warps=(2, 4, 8), num_stages=(1, 2)),
+    "slc_dq": dict(block_m=(16,), block_n=(0, 1), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0,), num_warps=(4, 8), num_stages=(1, 2)),
 }
 
@@ -49,13 +52,15 @@ SPACES = {
 KERNELS = {
     "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
     "sel": ("nsa_fwd", ("nsa_select_kernel",)),
-    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel",)),
+    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel", "nsa_slc_fwd_blocks_kernel",
+                        "nsa_slc_fwd_combine_kernel")),
     "win": ("nsa_fwd", ("nsa_win_fwd_kernel",)),
     "cmp_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "cmp_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
     "win_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "win_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
-    "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel",)),
+    "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel", "nsa_slc_bwd_dkdv_kernel",
+                           "nsa_slc_bwd_dq_merge_kernel")),
     # the reduce kernel after it runs untuned (one program per selection block)
     "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel",)),
 }
@@ -78,8 +83,12 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
     """Pruning rules: tiles must hold at least one position, fit in ~200 KB of shared memory,
     and keep q (elem bytes), the fp32 accumulator and the fp32 scores under ~200 registers
     per thread."""
-    if kind in ("slc", "slc_dq"):
-        return True
+    if kind in ("slc", "slc_dq") and not cfg.block_n:
+        return cfg.block_m == 16
+    if kind == "slc_dq":
+        return (cfg.num_warps, cfg.num_stages) == (4, 1)
+    if kind == "slc" and (cfg.num_warps < 4 or cfg.block_m < 32):
+        return False
     if cfg.block_m < group_pad:
         return False
     threads_bytes = cfg.num_warps * 32 * 4
@@ -98,8 +107,9 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
         keys = cfg.block_n * 4
         regs = cfg.block_m * (dk * elem + keys * 4 * 2) / threads_bytes
         return regs <= 200 and cfg.num_stages * keys * dk * elem <= 200 * 1024
-    smem = cfg.num_stages * cfg.block_n * (dk + dv) * elem + cfg.block_m * dk * elem
-    regs = cfg.block_m * (dk * elem + dv * 4 + cfg.block_n * 4) / threads_bytes
+    keys = 64 if kind == "slc" else cfg.block_n  # the selected tile is one selection block
+    smem = cfg.num_stages * keys * (dk + dv) * elem + cfg.block_m * dk * elem
+    regs = cfg.block_m * (dk * elem + dv * 4 + keys * 4) / threads_bytes
     return smem <= 200 * 1024 and regs <= 200
 
 

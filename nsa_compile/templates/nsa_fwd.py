@@ -1,12 +1,13 @@
 """Triton templates of the NSA forward: compressed branch, top-n block selection, selected
-branch, sliding window. Launch order: compressed (writes O and the lse), selection (reads the
-lse), selected (adds to O), window (adds to O), so the gated sum is formed in place without a
-separate combine pass."""
+branch (per position, or block by block with a merge pass), sliding window. Launch order:
+compressed (writes O and the lse), selection (reads the lse), selected (adds to O), window
+(adds to O), so the gated sum is formed in place without a separate combine pass."""
 import triton
 import triton.language as tl
 
 from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, jit_kernel, load_keys,
-                         load_rows, monotone_bits, online_softmax_step, pack_key, unpack_index)
+                         load_rows, monotone_bits, online_softmax_step, pack_key, store_rows,
+                         unpack_index)
 
 
 @jit_kernel
@@ -208,6 +209,97 @@ def nsa_win_fwd_kernel(
             vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
         s = tl.where(vis, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+    o, lse = finish_softmax(m_i, l_i, acc)
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
+                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+
+
+@jit_kernel
+def nsa_slc_fwd_blocks_kernel(
+        Q, K, V, QUERIES, STARTS, PAIRS, PART_O, PART_LSE,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        T, n_blocks, q_chunk, scale,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+        DV_PAD: tl.constexpr):
+    """Selected-block attention block by block, for one (list chunk s, batch, KV head,
+    selection block j): the block's K/V are loaded once and the queries that chose it
+    (QUERIES[STARTS[g] + s·q_chunk …], `inverted.Inverted`) taken BLOCK_T at a time with their
+    GQA group as MMA rows — full MMAs at any group size, and each block read once instead of
+    once per choosing position. Each (query, slot) pair's softmax over this block alone goes to
+    row PAIRS[e] of PART_O (pairs, G, DV) fp32 (normalised) and PART_LSE (pairs, G) (log2
+    units); `nsa_slc_fwd_combine_kernel` merges a position's pairs."""
+    s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    j = tl.program_id(2)
+    grp = pid_bh.to(tl.int64) * n_blocks + j
+    start = tl.load(STARTS + grp) + s * q_chunk
+    end = tl.minimum(tl.load(STARTS + grp + 1), start + q_chunk)
+    if start < end:
+        b = pid_bh // H
+        h = pid_bh % H
+        pos = j * LP + tl.arange(0, LP)
+        k = load_keys(K, b, h, pos, pos < T, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        v = load_keys(V, b, h, pos, pos < T, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        qk_scale = scale * LOG2E
+        r = tl.arange(0, BLOCK_T * G_PAD)
+        gh = r % G_PAD
+        for e0 in range(start, end, BLOCK_T):
+            e = e0 + r // G_PAD
+            listed = e < end
+            tok = tl.load(QUERIES + e, mask=listed, other=0)
+            pair = tl.load(PAIRS + e, mask=listed, other=0)
+            ok = listed & (gh < G)
+            q = load_rows(Q, b, h * G + gh, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+            sc = tl.dot(q, tl.trans(k)) * qk_scale
+            # a chosen block starts at or before its query: every listed row sees a key
+            sc = tl.where(pos[None, :] <= tok[:, None], sc, float("-inf"))
+            m = tl.max(sc, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(sc - m[:, None])
+            l_i = tl.sum(p, 1)
+            l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past the list's end
+            o = tl.dot(p.to(v.dtype), v) / l_i[:, None]
+            # row pair·G + g of PART_O (the batch index enters with stride 0)
+            store_rows(PART_O, o, b, gh, pair, ok, 0, DV, G * DV, 1, DV, DV_PAD, False)
+            tl.store(PART_LSE + pair * G + gh, m + tl.log2(l_i), mask=ok)
+
+
+@jit_kernel
+def nsa_slc_fwd_combine_kernel(
+        IDX, PART_O, PART_LSE, GATES, O, OB, LSE,
+        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        T, t_lo, n_pos, gate_fixed,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        N: tl.constexpr, N_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        HAS_GATES: tl.constexpr, SLOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+        SAVE: tl.constexpr):
+    """Selected-branch output of positions [t_lo, t_lo + n_pos) for one (batch, KV head, tile):
+    merges the n per-block softmaxes of `nsa_slc_fwd_blocks_kernel` (slots in order, each
+    weighted by exp(its lse − the total lse)), then stores the lse and the gated output."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rel, hq, ok = gqa_rows(tl.program_id(0) * BLOCK_T, h, n_pos, G, G_PAD, BLOCK_T)
+    tok = t_lo + rel
+    gh = hq - h * G
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    for s_i in range(N):
+        blk = tl.load(IDX + (pid_bh.to(tl.int64) * T + tok) * N_PAD + s_i, mask=ok, other=-1)
+        live = ok & (blk >= 0)
+        pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
+        lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
+        o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD)
+        m_new = tl.maximum(m_i, lse_j)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse_j - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + o_j * w[:, None]
+        m_i = m_new
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
     gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,

@@ -28,19 +28,26 @@ def _inputs(T, G, D, seed):
     return q, k, v, gates, kc, vc, do
 
 
-def _run(q, k, v, gates, kc, vc, do, p):
-    from nsa_compile.kernels.nsa.triton_bwd import nsa_bwd_cuda
-    from nsa_compile.kernels.nsa.triton_fwd import nsa_fwd_cuda
-    res = nsa_fwd_cuda(q, k, v, gates, kc, vc, p, save=True)
-    return res, nsa_bwd_cuda(do, q, k, v, gates, kc, vc, p, res.branch_out, res.branch_lse(),
-                             res.block_idx)
+def _run(q, k, v, gates, kc, vc, do, p, order=None):
+    """Forward and backward with the cached block sizes, or with the selected branch's loop
+    order forced (ref.GPU_ORDERS)."""
+    from nsa_compile.kernels.nsa import triton_bwd, triton_fwd
+    if order is None:
+        res = triton_fwd.nsa_fwd_cuda(q, k, v, gates, kc, vc, p, save=True)
+        return res, triton_bwd.nsa_bwd_cuda(do, q, k, v, gates, kc, vc, p, res.branch_out,
+                                            res.branch_lse(), res.block_idx)
+    configs = ref.GPU_ORDERS[order]
+    res = triton_fwd.nsa_forward(q, k, v, gates, kc, vc, p, configs, save=True)
+    return res, triton_bwd.nsa_backward(do, q, k, v, gates, kc, vc, p, res.branch_out,
+                                        res.branch_lse(), res.block_idx, configs)
 
 
+@pytest.mark.parametrize("order", ["positions", "blocks"])
 @pytest.mark.parametrize("T,G,D", SHAPES, ids=[f"T{T}-G{G}-D{D}" for T, G, D in SHAPES])
-def test_backward_bf16_matches_fp64(T, G, D):
+def test_backward_bf16_matches_fp64(T, G, D, order):
     q, k, v, gates, kc, vc, do = _inputs(T, G, D, T * 131 + G * 7 + D)
     p = NSAParams.from_config(NSAConfig(), D ** -0.5)
-    res, got = _run(q, k, v, gates, kc, vc, do, p)
+    res, got = _run(q, k, v, gates, kc, vc, do, p, order)
     torch.cuda.synchronize()
     # The forward test checks that these blocks carry the top-n importance.
     idx = res.block_idx[..., :p.select_count]
@@ -52,11 +59,12 @@ def test_backward_bf16_matches_fp64(T, G, D):
             assert err < 2e-2, (name, err)
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("order", [None, "blocks"])
+def test_backward_is_deterministic(order):
     args = _inputs(8229, 4, 128, 0)
     p = NSAParams.from_config(NSAConfig(), 128 ** -0.5)
-    _, first = _run(*args, p)
-    _, second = _run(*args, p)
+    _, first = _run(*args, p, order)
+    _, second = _run(*args, p, order)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 

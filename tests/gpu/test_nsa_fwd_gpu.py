@@ -17,8 +17,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("order", ["positions", "blocks"])
 @pytest.mark.parametrize("T,G,D", SHAPES, ids=[f"T{T}-G{G}-D{D}" for T, G, D in SHAPES])
-def test_forward_bf16_matches_fp64(T, G, D):
+def test_forward_bf16_matches_fp64(T, G, D, order):
     from nsa_compile.kernels.nsa.triton_fwd import nsa_forward
     torch.manual_seed(T * 131 + G * 7 + D)
     H = 2 if G < 16 else 1
@@ -32,7 +33,8 @@ def test_forward_bf16_matches_fp64(T, G, D):
     kc = naive.mean_pool(k, 32, 16)
     vc = naive.mean_pool(v, 32, 16)
     p = NSAParams.from_config(cfg, D ** -0.5)
-    res = nsa_forward(q, k, v, gates, kc, vc, p)
+    # the selected branch per position (default blocks) or block by block
+    res = nsa_forward(q, k, v, gates, kc, vc, p, ref.GPU_ORDERS[order])
     torch.cuda.synchronize()
     assert not res.o.isnan().any()
 

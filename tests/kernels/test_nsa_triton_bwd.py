@@ -53,19 +53,19 @@ def _inputs(B, HQ, H, T, DK, DV, cfg, dtype, seed=0, transposed=False):
     return q, k, v, gates, kc, vc, p, do
 
 
-def _forward_backward(q, k, v, gates, kc, vc, p, do):
+def _forward_backward(q, k, v, gates, kc, vc, p, do, configs=SMALL):
     from nsa_compile.kernels.nsa.triton_bwd import nsa_backward
     from nsa_compile.kernels.nsa.triton_fwd import nsa_forward
-    res = nsa_forward(q, k, v, gates, kc, vc, p, SMALL, save=True)
+    res = nsa_forward(q, k, v, gates, kc, vc, p, configs, save=True)
     return res, nsa_backward(do, q, k, v, gates, kc, vc, p, res.branch_out, res.branch_lse(),
-                             res.block_idx, SMALL)
+                             res.block_idx, configs)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_backward_matches_reference(name, transposed=False):
+def test_triton_backward_matches_reference(name, transposed=False, configs=SMALL):
     *shape, cfg, dtype = CASES[name]
     q, k, v, gates, kc, vc, p, do = _inputs(*shape, cfg, dtype, transposed=transposed)
-    res, got = _forward_backward(q, k, v, gates, kc, vc, p, do)
+    res, got = _forward_backward(q, k, v, gates, kc, vc, p, do, configs)
     idx = None if res.block_idx is None else res.block_idx[..., :p.select_count]
     want = ref.gradients(do, q, k, v, gates, kc, vc, p, idx)
     tol = 2e-5 if dtype == torch.float32 else 3e-3
@@ -96,9 +96,9 @@ def test_triton_backward_split_compressed_walk(name, monkeypatch):
 def test_triton_backward_split_selection_lists(name, monkeypatch):
     """Long inverted-selection lists cut into chunks whose partial dK/dV the reduce kernel adds
     (on the GPU from 512 entries on)."""
-    from nsa_compile.kernels.nsa import triton_bwd
-    monkeypatch.setattr(triton_bwd, "MIN_LIST_CHUNK", 4)
-    monkeypatch.setattr(triton_bwd, "MAX_LIST_CHUNK", 4)
+    from nsa_compile.kernels.nsa import inverted, triton_bwd
+    monkeypatch.setattr(inverted, "MIN_LIST_CHUNK", 4)
+    monkeypatch.setattr(inverted, "MAX_LIST_CHUNK", 4)
     slots = []
     partial_slots = triton_bwd.partial_slots
     monkeypatch.setattr(triton_bwd, "partial_slots",
@@ -108,7 +108,8 @@ def test_triton_backward_split_selection_lists(name, monkeypatch):
 
 
 def test_partial_slots_count_the_chunks_after_each_lists_first():
-    from nsa_compile.kernels.nsa.triton_bwd import list_chunk, partial_slots
+    from nsa_compile.kernels.nsa.inverted import list_chunk
+    from nsa_compile.kernels.nsa.triton_bwd import partial_slots
     starts = torch.tensor([0, 10, 10, 13, 17])  # lists of 10, 0, 3 and 4 entries
     assert partial_slots(starts, 4).tolist() == [0, 2, 2, 2, 2]
     assert list_chunk(10 ** 6, 12, torch.device("cpu")) % 12 == 0
@@ -128,10 +129,48 @@ def test_triton_backward_is_deterministic():
 
 
 def test_invert_selection_lists_each_blocks_queries_in_order():
-    from nsa_compile.kernels.nsa.triton_bwd import invert_selection
+    from nsa_compile.kernels.nsa.inverted import invert_selection
     # B=1, H=2, T=3, N_PAD=2 over 3 blocks; -1 = no block
     idx = torch.tensor([[[[0, -1], [0, 1], [1, 2]],
                          [[2, 0], [-1, -1], [0, 2]]]], dtype=torch.int32)
-    queries, starts = invert_selection(idx, 3)
+    queries, starts, pairs = invert_selection(idx, 3)
     lists = [queries[starts[g]:starts[g + 1]].tolist() for g in range(6)]
     assert lists == [[0, 1], [1, 2], [2], [0, 2], [], [0, 2]]
+    # each entry's (query, slot) pair, as a flat index into idx
+    flat = idx.flatten()
+    for g in range(6):
+        for e in range(starts[g], starts[g + 1]):
+            assert flat[pairs[e]] == g % 3 and pairs[e] // 2 % 3 == queries[e]
+    # the selection of positions [5, 8): same lists, absolute positions
+    shifted = invert_selection(idx, 3, t0=5)
+    assert torch.equal(shifted.queries, queries + 5) and torch.equal(shifted.pairs, pairs)
+
+
+@pytest.mark.parametrize("name", ["all-learned-T37-G2", "fixed-dk-ne-dv-B2-G1-T63",
+                                  "all-learned-G3-T50-n3-fp16", "selected-only-G8-T70"])
+def test_triton_backward_selected_dq_fused_into_dkdv(name):
+    """dQ of the selected branch as per-(query, slot) shares of the block-centric dK/dV
+    kernel, summed by the merge kernel (with the block-by-block forward)."""
+    test_triton_backward_matches_reference(name, configs={**SMALL, **ref.SMALL_BLOCKS})
+
+
+def test_triton_backward_fused_dq_in_position_chunks(monkeypatch):
+    from nsa_compile.kernels.nsa import inverted
+    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 1)
+    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 16)
+    chunks = []
+    invert = inverted.invert_selection
+    monkeypatch.setattr("nsa_compile.kernels.nsa.triton_bwd.invert_selection",
+                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+    test_triton_backward_matches_reference("selected-only-G8-T70",
+                                           configs={**SMALL, **ref.SMALL_BLOCKS})
+    assert chunks == [0, 16, 32, 48, 64]
+
+
+def test_triton_backward_fused_dq_is_deterministic():
+    args = _inputs(1, 4, 2, 45, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, seed=3)
+    configs = {**SMALL, **ref.SMALL_BLOCKS}
+    _, first = _forward_backward(*args, configs=configs)
+    _, second = _forward_backward(*args, configs=configs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False):
+def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False, configs=SMALL):
     from nsa_compile.kernels.nsa.triton_fwd import nsa_forward
     if transposed:  # (B, T, H, D) storage seen through SDPA's layout: non-contiguous strides
         q = torch.randn(B, T, HQ, DK, dtype=dtype).transpose(1, 2)
@@ -45,7 +45,7 @@ def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False):
     p = NSAParams.from_config(cfg, DK ** -0.5)
     kc = naive.mean_pool(k, cfg.compress_block, cfg.compress_stride) if p.needs_cmp else None
     vc = naive.mean_pool(v, cfg.compress_block, cfg.compress_stride) if p.has_cmp else None
-    res = nsa_forward(q, k, v, gates, kc, vc, p, SMALL)
+    res = nsa_forward(q, k, v, gates, kc, vc, p, configs)
     return q, k, v, gates, kc, vc, p, res
 
 
@@ -98,3 +98,31 @@ def test_triton_lse_is_inf_where_no_compressed_block_is_visible():
     # Block 0 covers keys 0..15: visible from t = 15 on.
     assert torch.isinf(res.lse_cmp[..., :15]).all()
     assert torch.isfinite(res.lse_cmp[..., 15:]).all()
+
+
+# The selected branch block by block (the queries that chose each block, then a merge pass).
+BLOCKS = {**SMALL, "slc": ref.SMALL_BLOCKS["slc"]}
+
+
+@pytest.mark.parametrize("name", ["all-learned-T37-G2", "all-T15-fp16", "dk-ne-dv-B2-G1-T63",
+                                  "fixed-G3-T50-n3", "selected-window-unbounded-T40"])
+def test_triton_forward_selected_block_by_block(name):
+    B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
+    out = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS)
+    assert not out[-1].o.isnan().any()
+    _check(*out, tol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_triton_forward_selected_block_by_block_in_position_chunks(monkeypatch):
+    """Partial results over budget: the positions run in chunks of 16 (on the GPU when
+    B·H·T·n·G·(Dv + 1)·4 bytes pass 1 GiB)."""
+    from nsa_compile.kernels.nsa import inverted
+    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 1)
+    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 16)
+    chunks = []
+    invert = inverted.invert_selection
+    monkeypatch.setattr("nsa_compile.kernels.nsa.triton_fwd.invert_selection",
+                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+    out = _run(1, 4, 2, 50, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, configs=BLOCKS)
+    assert chunks == [0, 16, 32, 48]
+    _check(*out, tol=1e-5)

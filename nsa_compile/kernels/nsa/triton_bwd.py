@@ -15,38 +15,24 @@ from torch import Tensor
 
 from ...templates.nsa_bwd import (nsa_bwd_delta_kernel, nsa_dense_bwd_dkdv_kernel,
                                   nsa_dense_bwd_dq_kernel, nsa_slc_bwd_dkdv_kernel,
-                                  nsa_slc_bwd_dq_kernel, nsa_slc_bwd_reduce_kernel)
+                                  nsa_slc_bwd_dq_kernel, nsa_slc_bwd_dq_merge_kernel,
+                                  nsa_slc_bwd_reduce_kernel)
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
-from .triton_fwd import _pow2, launch_geometry, shape_keys
+from .inverted import Inverted, invert_selection, list_chunk, position_chunk, sms
+from .triton_fwd import MERGE_ROWS, _pow2, launch_geometry, shape_keys
 
 # The compressed dK/dV walk over queries is split into chunks of at least MIN_SPLIT_QUERIES
 # queries, aiming at SPLIT_PROGRAMS_PER_SM programs per SM.
 MIN_SPLIT_QUERIES, SPLIT_PROGRAMS_PER_SM = 1024, 4
-# The selected dK/dV kernel takes a block's list of choosing queries in chunks of this many
-# entries at most (and at least MIN_LIST_CHUNK, so the partial sums stay few).
-MIN_LIST_CHUNK, MAX_LIST_CHUNK = 512, 4096
-
-
-def _sms(device: torch.device) -> int:
-    return (torch.cuda.get_device_properties(device).multi_processor_count
-            if device.type == "cuda" else 8)
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
     """Query chunks for the compressed dK/dV kernel: enough programs for
     SPLIT_PROGRAMS_PER_SM per SM."""
     return max(1, min(T // MIN_SPLIT_QUERIES,
-                      triton.cdiv(SPLIT_PROGRAMS_PER_SM * _sms(device), tiles)))
-
-
-def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
-    """Entries per program of the selected dK/dV kernel, a multiple of block_t: about an
-    eighth of an SM's share of all `entries`, so no list (block 0's holds every query) runs
-    much longer than the rest of the kernel."""
-    chunk = min(MAX_LIST_CHUNK, max(MIN_LIST_CHUNK, entries // (8 * _sms(device))))
-    return triton.cdiv(chunk, block_t) * block_t
+                      triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms(device), tiles)))
 
 
 def partial_slots(starts: Tensor, chunk: int) -> Tensor:
@@ -54,24 +40,6 @@ def partial_slots(starts: Tensor, chunk: int) -> Tensor:
     list g's in slots [out[g], out[g + 1])."""
     extra = (starts.diff() - 1).clamp_(min=0) // chunk
     return torch.cat([extra.new_zeros(1), extra.cumsum(0)])
-
-
-def invert_selection(block_idx: Tensor, n_blocks: int) -> Tuple[Tensor, Tensor]:
-    """The queries that chose each block: block_idx (B, H, T, N_PAD), -1 = none ->
-    (queries int32, starts int64 (B·H·n_blocks + 1,)) with queries[starts[g] : starts[g + 1]]
-    the ascending positions that chose block j of head (b, h), g = (b·H + h)·n_blocks + j.
-
-    One sort of (group, position) keys — deterministic, no host sync."""
-    B, H, T, n_pad = block_idx.shape
-    dev = block_idx.device
-    groups = B * H * n_blocks
-    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
-    t = torch.arange(T, device=dev).view(1, 1, T, 1)
-    key = (bh * n_blocks + block_idx.long()) * T + t
-    key = torch.where(block_idx >= 0, key, groups * T).flatten()
-    key = torch.sort(key).values
-    starts = torch.searchsorted(key, torch.arange(groups + 1, device=dev) * T)
-    return (key % T).to(torch.int32), starts
 
 
 class _Backward:
@@ -172,27 +140,59 @@ class _Backward:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
-    def selected_dkdv(self, queries: Tensor, starts: Tensor) -> None:
-        """dK/dV of the selected branch from the inverted selection (`invert_selection`):
-        lists in chunks of `list_chunk` entries, the chunks after a list's first summed into
-        dK/dV in order by the reduce kernel (deterministic, no host sync)."""
+    def selected(self, block_idx: Tensor) -> None:
+        """dQ and dK/dV of the selected branch. configs["slc_dq"].block_n picks how dQ is
+        made: 0 — its own kernel, a program per position walking its n blocks; 1 — inside the
+        block-centric dK/dV kernel (which computes the same dS), as a share per (query, slot)
+        pair that a merge kernel sums, one chunk of positions at a time so the shares fit
+        `inverted.PARTIAL_BUDGET`."""
+        p = self.params
+        fuse = bool(self.configs["slc_dq"].block_n)
+        if not fuse:
+            self.selected_dq(block_idx)
+        B, H, T, n_pad = block_idx.shape
+        DK = self.common["DK"]
+        chunk = position_chunk(T, B * H * n_pad * self.G * DK * 4) if fuse else T
+        dq_part = self.dq.new_empty(B * H * chunk * n_pad * self.G * DK) if fuse else None
+        g_pad = _pow2(self.G)
+        merge_t = max(1, MERGE_ROWS // g_pad)
+        # every chunk's grid spans all blocks: the first writes each block's dK/dV
+        n_blocks = num_selection_blocks(T, p.select_block)
+        for t_lo in range(0, T, chunk):
+            n_pos = min(chunk, T - t_lo)
+            inv = invert_selection(block_idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo)
+            self.selected_dkdv(inv, n_pos, n_blocks, dq_part)
+            if fuse:
+                nsa_slc_bwd_dq_merge_kernel[(triton.cdiv(n_pos, merge_t), B * H)](
+                    block_idx, dq_part, self.dq, *self.dq.stride(), T, t_lo, n_pos, H=H,
+                    G=self.G, G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=n_pad,
+                    DK=DK, DK_PAD=self.common["DK_PAD"], ACCUMULATE=self.wrote_dq)
+        self.wrote_dq = True
+
+    def selected_dkdv(self, inv: Inverted, n_pos: int, n_blocks: int,
+                      dq_part: Optional[Tensor]) -> None:
+        """dK/dV (and with dq_part the pairs' dQ shares) of the selected branch from the
+        inverted selection of n_pos positions: lists in chunks of `list_chunk` entries, the
+        chunks after a list's first summed into dK/dV in order by the reduce kernel
+        (deterministic, no host sync)."""
         lse, delta, slot, fixed = self._branch("selected")
         p = self.params
-        n_blocks = num_selection_blocks(self.T, p.select_block)
         cfg, g_pad, block_t = self._rows("slc_dkdv")
-        entries = self.B * self.H * self.T * min(p.select_count, n_blocks)
+        entries = self.B * self.H * n_pos * min(p.select_count, n_blocks)
         chunk = list_chunk(entries, block_t, self.q.device)
-        slots = partial_slots(starts, chunk)
+        slots = partial_slots(inv.starts, chunk)
         n_slots = entries // chunk + 1  # >= slots[-1]: sum over lists of (len - 1) // chunk
         dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
-        nsa_slc_bwd_dkdv_kernel[(triton.cdiv(self.T, chunk), self.B * self.H, n_blocks)](
-            self.q, self.k, self.v, self.do, lse, delta, self.gates, queries, starts, slots,
-            self.dk, self.dv, dk_part, dv_part, *self._strides(self.k, self.v), *out_strides,
-            self.T, n_blocks, chunk, p.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t,
-            LP=p.select_block, SLOT=slot, ACCUMULATE=self.wrote_dkv, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **self.common)
+        nsa_slc_bwd_dkdv_kernel[(triton.cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
+            self.q, self.k, self.v, self.do, lse, delta, self.gates, inv.queries, inv.starts,
+            inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
+            self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
+            *out_strides, self.T, n_blocks, chunk, p.scale, fixed, G_PAD=g_pad,
+            BLOCK_T=block_t, LP=p.select_block, SLOT=slot, ACCUMULATE=self.wrote_dkv,
+            FUSE_DQ=dq_part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **self.common)
         nsa_slc_bwd_reduce_kernel[(self.B * self.H, n_blocks)](
             dk_part, dv_part, slots, self.dk, self.dv, *out_strides, self.T, n_blocks, H=self.H,
             LP=p.select_block, DK=self.common["DK"], DK_PAD=self.common["DK_PAD"],
@@ -235,9 +235,7 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
         run.dense_dq("compressed")
         run.dense_dkdv("compressed")
     if p.has_slc:
-        run.selected_dq(block_idx)
-        run.selected_dkdv(*invert_selection(
-            block_idx, num_selection_blocks(q.shape[2], p.select_block)))
+        run.selected(block_idx)
     if p.has_win:
         run.dense_dq("window")
         run.dense_dkdv("window")
@@ -257,36 +255,31 @@ def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[T
     from triton.testing import do_bench
 
     name = torch.cuda.get_device_name(q.device)
-    inverted = []
-
-    def queries_of_blocks():
-        if not inverted:
-            inverted.extend(invert_selection(
-                block_idx, num_selection_blocks(q.shape[2], params.select_block)))
-        return inverted
-
     steps = {
         "cmp_dq": lambda run: run.dense_dq("compressed"),
         "cmp_dkdv": lambda run: run.dense_dkdv("compressed"),
         "win_dq": lambda run: run.dense_dq("window"),
         "win_dkdv": lambda run: run.dense_dkdv("window"),
-        "slc_dq": lambda run: run.selected_dq(block_idx),
-        "slc_dkdv": lambda run: run.selected_dkdv(*queries_of_blocks()),
+        # the selected dQ may be fused into dK/dV: both kinds time the whole branch
+        "slc_dq": lambda run: run.selected(block_idx),
+        "slc_dkdv": lambda run: run.selected(block_idx),
     }
+    chosen: Dict[str, KernelConfig] = {}
 
     def bench(kind: str):
         def time_config(cfg: KernelConfig) -> float:
             run = _Backward(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta,
-                            {**DEFAULTS, kind: cfg})
+                            {**DEFAULTS, **chosen, kind: cfg})
             return do_bench(lambda: steps[kind](run), warmup=5, rep=20, return_mode="median")
         return time_config
 
     elem, HQ, H = q.element_size(), q.shape[1], k.shape[1]
-    return {kind: autotune.pick(
-                name, kind, key,
-                lambda: candidates(kind, _pow2(HQ // H), q.shape[-1], v.shape[-1], elem),
-                bench(kind))
-            for kind, key in shape_keys(q, k, v, params, backward=True).items()}
+    for kind, key in shape_keys(q, k, v, params, backward=True).items():
+        chosen[kind] = autotune.pick(
+            name, kind, key,
+            lambda: candidates(kind, _pow2(HQ // H), q.shape[-1], v.shape[-1], elem),
+            bench(kind))
+    return chosen
 
 
 def nsa_bwd_cuda(do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, branch_out: Tensor,

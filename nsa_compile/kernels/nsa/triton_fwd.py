@@ -11,9 +11,15 @@ from torch import Tensor
 
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
-from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel, nsa_slc_fwd_kernel,
-                                  nsa_win_fwd_kernel)
-from .params import NSAParams, supported
+from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel,
+                                  nsa_slc_fwd_blocks_kernel, nsa_slc_fwd_combine_kernel,
+                                  nsa_slc_fwd_kernel, nsa_win_fwd_kernel)
+from .inverted import invert_selection, list_chunk, position_chunk
+from .params import NSAParams, num_selection_blocks, supported
+
+# Rows per program of the kernels that merge per-(query, slot) partial results (untuned:
+# memory-bound and short).
+MERGE_ROWS = 64
 
 
 class ForwardResult(NamedTuple):
@@ -86,6 +92,10 @@ class _Launch:
         g_pad = _pow2(self.G)
         return g_pad, max(1, cfg.block_m // g_pad)
 
+    def common_merge(self):
+        """The constexprs of a kernel that reads no q/k."""
+        return {k: self.common[k] for k in ("H", "G", "DV", "DV_PAD", "HAS_GATES")}
+
     def lse(self) -> Tensor:
         return torch.empty(self.B, self.H * self.G, self.T, device=self.q.device,
                            dtype=torch.float32)
@@ -123,6 +133,12 @@ def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
 
 
 def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
+    """Selected branch: adds its gated output to a.o; returns its lse. cfg.block_n picks the
+    loop order: 0 — a program per position walks its n blocks (G_PAD >= 16 rows per MMA);
+    1 — a program per block walks the queries that chose it, block_m rows per MMA, and a merge
+    pass combines each position's n partial softmaxes (fewer K/V reads at small groups)."""
+    if cfg.block_n:
+        return _run_slc_blocks(a, cfg, idx)
     p = a.params
     slot = p.gate_slot("selected")
     lse = a.lse()
@@ -132,6 +148,37 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
         G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
         SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **a.common)
+    return lse
+
+
+def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
+    """The block-by-block selected branch, one chunk of positions at a time (the partial
+    results of a chunk fit `inverted.PARTIAL_BUDGET`)."""
+    p = a.params
+    slot = p.gate_slot("selected")
+    lse = a.lse()
+    ob, save = a.saved("selected")
+    g_pad, block_t = a.tile(cfg)
+    DV = a.common["DV"]
+    chunk = position_chunk(a.T, a.B * a.H * a.n_pad * a.G * (DV + 1) * 4)
+    part_o = a.q.new_empty(a.B * a.H * chunk * a.n_pad * a.G * DV, dtype=torch.float32)
+    part_lse = a.q.new_empty(a.B * a.H * chunk * a.n_pad * a.G, dtype=torch.float32)
+    merge_t = max(1, MERGE_ROWS // g_pad)
+    for t_lo in range(0, a.T, chunk):
+        n_pos = min(chunk, a.T - t_lo)
+        n_blocks = num_selection_blocks(t_lo + n_pos, p.select_block)
+        inv = invert_selection(idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo)
+        entries = a.B * a.H * n_pos * min(p.select_count, n_blocks)
+        per_program = list_chunk(entries, block_t, a.q.device)
+        nsa_slc_fwd_blocks_kernel[(triton.cdiv(n_pos, per_program), a.B * a.H, n_blocks)](
+            a.q, a.k, a.v, *inv, part_o, part_lse, *a.strides[:12], a.T, n_blocks,
+            per_program, p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t,
+            LP=p.select_block, DK=a.common["DK"], DK_PAD=a.common["DK_PAD"], DV=DV,
+            DV_PAD=a.common["DV_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        nsa_slc_fwd_combine_kernel[(triton.cdiv(n_pos, merge_t), a.B * a.H)](
+            idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.strides[12:], a.T, t_lo, n_pos,
+            a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=a.n_pad,
+            SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, **a.common_merge())
     return lse
 
 
