@@ -20,7 +20,9 @@ SMALL.update(slc=KernelConfig(16, 0, 4, 1), slc_dq=KernelConfig(16, 0, 4, 1))
 SMALL_BLOCKS = dict(slc=KernelConfig(16, 1, 4, 1), slc_dq=KernelConfig(16, 1, 4, 1))
 # GPU block sizes forcing each loop order of the selected branch (the rest: DEFAULTS).
 GPU_ORDERS = dict(positions=dict(slc=KernelConfig(16, 0, 4, 2), slc_dq=KernelConfig(16, 0, 4, 2)),
-                  blocks=dict(slc=KernelConfig(64, 1, 4, 2), slc_dq=KernelConfig(16, 1, 4, 1)))
+                  blocks=dict(slc=KernelConfig(64, 1, 4, 2), slc_dq=KernelConfig(16, 1, 4, 1),
+                              # the fused dQ needs room for K twice: fits D = 256
+                              slc_dkdv=KernelConfig(32, 0, 4, 1)))
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 
