@@ -228,8 +228,8 @@ def nsa_slc_fwd_blocks_kernel(
     (QUERIES[STARTS[g] + s·q_chunk …], `inverted.Inverted`) taken BLOCK_T at a time with their
     GQA group as MMA rows — full MMAs at any group size, and each block read once instead of
     once per choosing position. Each (query, slot) pair's softmax over this block alone goes to
-    row PAIRS[e] of PART_O (pairs, G, DV) fp32 (normalised) and PART_LSE (pairs, G) (log2
-    units); `nsa_slc_fwd_combine_kernel` merges a position's pairs."""
+    row PAIRS[e] of PART_O (pairs, G, DV) (normalised, in PART_O's dtype) and PART_LSE
+    (pairs, G) fp32 (log2 units); `nsa_slc_fwd_combine_kernel` merges a position's pairs."""
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     j = tl.program_id(2)
@@ -292,7 +292,7 @@ def nsa_slc_fwd_combine_kernel(
         live = ok & (blk >= 0)
         pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
-        o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD)
+        o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
         m_new = tl.maximum(m_i, lse_j)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)

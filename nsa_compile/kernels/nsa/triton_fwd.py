@@ -160,8 +160,10 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     ob, save = a.saved("selected")
     g_pad, block_t = a.tile(cfg)
     DV = a.common["DV"]
-    chunk = position_chunk(a.T, a.B * a.H * a.n_pad * a.G * (DV + 1) * 4)
-    part_o = a.q.new_empty(a.B * a.H * chunk * a.n_pad * a.G * DV, dtype=torch.float32)
+    # the partial outputs in the input dtype (like the output they make up; halves the
+    # kernel's dominant traffic), their lse in fp32
+    chunk = position_chunk(a.T, a.B * a.H * a.n_pad * a.G * (DV * a.q.element_size() + 4))
+    part_o = a.q.new_empty(a.B * a.H * chunk * a.n_pad * a.G * DV)
     part_lse = a.q.new_empty(a.B * a.H * chunk * a.n_pad * a.G, dtype=torch.float32)
     merge_t = max(1, MERGE_ROWS // g_pad)
     for t_lo in range(0, a.T, chunk):
