@@ -312,8 +312,12 @@ def nsa_slc_bwd_dq_merge_kernel(
     tok = t_lo + rel
     gh = hq - h * G
     dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
+    # every slot's block in one load: the loop's loads then wait on registers only
+    slots = tl.arange(0, N_PAD)
+    blocks = tl.load(IDX + ((pid_bh.to(tl.int64) * T + tok) * N_PAD)[:, None] + slots[None, :],
+                     mask=ok[:, None], other=-1)
     for s_i in range(N):
-        blk = tl.load(IDX + (pid_bh.to(tl.int64) * T + tok) * N_PAD + s_i, mask=ok, other=-1)
+        live = ok & (tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1) >= 0)
         pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
-        dq += load_rows(DQ_PART, b, gh, pair, ok & (blk >= 0), 0, DK, G * DK, 1, DK, DK_PAD)
+        dq += load_rows(DQ_PART, b, gh, pair, live, 0, DK, G * DK, 1, DK, DK_PAD)
     store_rows(DQ, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, ACCUMULATE)

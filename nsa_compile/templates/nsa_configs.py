@@ -52,15 +52,14 @@ SPACES = {
 KERNELS = {
     "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
     "sel": ("nsa_fwd", ("nsa_select_kernel",)),
-    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel", "nsa_slc_fwd_blocks_kernel",
-                        "nsa_slc_fwd_combine_kernel")),
+    # block by block, the merge kernels after the tuned ones run untuned (MERGE_ROWS rows)
+    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel", "nsa_slc_fwd_blocks_kernel")),
     "win": ("nsa_fwd", ("nsa_win_fwd_kernel",)),
     "cmp_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "cmp_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
     "win_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "win_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),
-    "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel", "nsa_slc_bwd_dkdv_kernel",
-                           "nsa_slc_bwd_dq_merge_kernel")),
+    "slc_dq": ("nsa_bwd", ("nsa_slc_bwd_dq_kernel", "nsa_slc_bwd_dkdv_kernel")),
     # the reduce kernel after it runs untuned (one program per selection block)
     "slc_dkdv": ("nsa_bwd", ("nsa_slc_bwd_dkdv_kernel",)),
 }

@@ -287,9 +287,12 @@ def nsa_slc_fwd_combine_kernel(
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    # every slot's block in one load: the loop's loads then wait on registers only
+    slots = tl.arange(0, N_PAD)
+    blocks = tl.load(IDX + ((pid_bh.to(tl.int64) * T + tok) * N_PAD)[:, None] + slots[None, :],
+                     mask=ok[:, None], other=-1)
     for s_i in range(N):
-        blk = tl.load(IDX + (pid_bh.to(tl.int64) * T + tok) * N_PAD + s_i, mask=ok, other=-1)
-        live = ok & (blk >= 0)
+        live = ok & (tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1) >= 0)
         pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
         o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
