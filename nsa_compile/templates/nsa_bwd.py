@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .nsa_common import (LOG2E, gqa_rows, jit_kernel, load_gate, load_keys, load_rows,
                           store_rows)
+from .nsa_fwd import merge_slot, merge_tile
 
 
 @jit_kernel
@@ -305,19 +306,9 @@ def nsa_slc_bwd_dq_merge_kernel(
         ACCUMULATE: tl.constexpr):
     """Selected-branch dQ of positions [t_lo, t_lo + n_pos) for one (batch, KV head, tile):
     the sum, in slot order, of the pairs' shares the fused dK/dV kernel wrote."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rel, hq, ok = gqa_rows(tl.program_id(0) * BLOCK_T, h, n_pos, G, G_PAD, BLOCK_T)
-    tok = t_lo + rel
-    gh = hq - h * G
+    b, tok, hq, gh, ok, blocks = merge_tile(IDX, T, t_lo, n_pos, H, G, G_PAD, BLOCK_T, N_PAD)
     dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
-    # every slot's block in one load: the loop's loads then wait on registers only
-    slots = tl.arange(0, N_PAD)
-    blocks = tl.load(IDX + ((pid_bh.to(tl.int64) * T + tok) * N_PAD)[:, None] + slots[None, :],
-                     mask=ok[:, None], other=-1)
     for s_i in range(N):
-        live = ok & (tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1) >= 0)
-        pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
+        live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
         dq += load_rows(DQ_PART, b, gh, pair, live, 0, DK, G * DK, 1, DK, DK_PAD)
     store_rows(DQ, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, ACCUMULATE)

@@ -266,6 +266,32 @@ def nsa_slc_fwd_blocks_kernel(
             tl.store(PART_LSE + pair * G + gh, m + tl.log2(l_i), mask=ok)
 
 
+@triton.jit
+def merge_tile(IDX, T, t_lo, n_pos, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+               BLOCK_T: tl.constexpr, N_PAD: tl.constexpr):
+    """The rows of a program of a kernel merging per-(query, slot) results: tile
+    program_id(0) of positions [t_lo, t_lo + n_pos), (batch, KV head) program_id(1) ->
+    (b, position, query head, index in the group, valid, every slot's block (rows, N_PAD)).
+    The blocks come in one load, so the slot loop's loads wait on registers only."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % H
+    rel, hq, ok = gqa_rows(tl.program_id(0) * BLOCK_T, h, n_pos, G, G_PAD, BLOCK_T)
+    tok = t_lo + rel
+    slots = tl.arange(0, N_PAD)
+    blocks = tl.load(IDX + ((pid_bh.to(tl.int64) * T + tok) * N_PAD)[:, None] + slots[None, :],
+                     mask=ok[:, None], other=-1)
+    return pid_bh // H, tok, hq, hq - h * G, ok, blocks
+
+
+@triton.jit
+def merge_slot(blocks, ok, rel, n_pos, s_i, N_PAD: tl.constexpr):
+    """(rows whose slot s_i holds a block, their flat (query, slot) pair index) for the rows
+    of `merge_tile` at positions t_lo + rel."""
+    slots = tl.arange(0, N_PAD)
+    live = ok & (tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1) >= 0)
+    return live, (tl.program_id(1).to(tl.int64) * n_pos + rel) * N_PAD + s_i
+
+
 @jit_kernel
 def nsa_slc_fwd_combine_kernel(
         IDX, PART_O, PART_LSE, GATES, O, OB, LSE,
@@ -278,22 +304,12 @@ def nsa_slc_fwd_combine_kernel(
     """Selected-branch output of positions [t_lo, t_lo + n_pos) for one (batch, KV head, tile):
     merges the n per-block softmaxes of `nsa_slc_fwd_blocks_kernel` (slots in order, each
     weighted by exp(its lse − the total lse)), then stores the lse and the gated output."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rel, hq, ok = gqa_rows(tl.program_id(0) * BLOCK_T, h, n_pos, G, G_PAD, BLOCK_T)
-    tok = t_lo + rel
-    gh = hq - h * G
+    b, tok, hq, gh, ok, blocks = merge_tile(IDX, T, t_lo, n_pos, H, G, G_PAD, BLOCK_T, N_PAD)
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
-    # every slot's block in one load: the loop's loads then wait on registers only
-    slots = tl.arange(0, N_PAD)
-    blocks = tl.load(IDX + ((pid_bh.to(tl.int64) * T + tok) * N_PAD)[:, None] + slots[None, :],
-                     mask=ok[:, None], other=-1)
     for s_i in range(N):
-        live = ok & (tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1) >= 0)
-        pair = (pid_bh.to(tl.int64) * n_pos + rel) * N_PAD + s_i
+        live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
         o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
         m_new = tl.maximum(m_i, lse_j)
