@@ -65,7 +65,7 @@ def main():
             dkdv = [KernelConfig(m, 0, w, s) for m in (32, 64, 128) for w in (4, 8) for s in (1, 2)]
             bwd = {}
             for name, cfgs in BWD.items():
-                t_dq, c_dq = best(selected_bwd, cfgs)
+                _, c_dq = best(selected_bwd, cfgs)
                 bwd[name] = best(lambda c: selected_bwd(c_dq, c), dkdv)
             rows.append((HQ, H, T, fwd, bwd))
             line = " ".join(f"{n}={t:.2f}ms{c}" for n, (t, c) in {**fwd, **bwd}.items())

@@ -173,13 +173,13 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
         entries = a.B * a.H * n_pos * min(p.select_count, n_blocks)
         per_program = list_chunk(entries, block_t, a.q.device)
         nsa_slc_fwd_blocks_kernel[(triton.cdiv(n_pos, per_program), a.B * a.H, n_blocks)](
-            a.q, a.k, a.v, *inv, part_o, part_lse, *a.strides[:12], a.T, n_blocks,
-            per_program, p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t,
+            a.q, a.k, a.v, *inv, part_o, part_lse, *a.q.stride(), *a.k.stride(), *a.v.stride(),
+            a.T, n_blocks, per_program, p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t,
             LP=p.select_block, DK=a.common["DK"], DK_PAD=a.common["DK_PAD"], DV=DV,
             DV_PAD=a.common["DV_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         nsa_slc_fwd_combine_kernel[(triton.cdiv(n_pos, merge_t), a.B * a.H)](
-            idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.strides[12:], a.T, t_lo, n_pos,
-            a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=a.n_pad,
+            idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.gate_strides, *a.o.stride(), a.T,
+            t_lo, n_pos, a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=a.n_pad,
             SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, **a.common_merge())
     return lse
 
