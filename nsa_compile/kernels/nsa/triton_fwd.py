@@ -179,8 +179,8 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
             DV_PAD=a.common["DV_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         nsa_slc_fwd_combine_kernel[(triton.cdiv(n_pos, merge_t), a.B * a.H)](
             idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.gate_strides, *a.o.stride(), a.T,
-            t_lo, n_pos, a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=a.n_pad,
-            SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, **a.common_merge())
+            t_lo, n_pos, a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count,
+            N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, **a.common_merge())
     return lse
 
 
