@@ -106,24 +106,36 @@ def nsa_select_kernel(
         s = tl.dot(q, tl.trans(kc)) * qk_scale
         vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        # Block importance per row with one small MMA in the input dtype (for bf16 ~2e-3
-        # relative, below the inputs' own rounding; p then stays in registers as in P·V), then
-        # the sum over the GQA group.
-        imp_rows = tl.dot(p.to(kc.dtype), w.to(kc.dtype))
-        imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
+        # Block importance with one small MMA in the input dtype (for bf16 ~2e-3 relative,
+        # below the inputs' own rounding; p then stays in registers as in P·V) and the sum
+        # over the GQA group: with many positions per tile the group sum first (an MMA of
+        # BLOCK_T rows), else the MMA over all rows first (H100: each order wins where chosen).
+        if BLOCK_T >= 32:
+            p_pos = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_C2]), axis=1)
+            imp = tl.dot(p_pos.to(kc.dtype), w.to(kc.dtype))
+            spill = tl.sum(p_pos * w_next[None, :], axis=1)
+        else:
+            imp_rows = tl.dot(p.to(kc.dtype), w.to(kc.dtype))
+            imp = tl.sum(tl.reshape(imp_rows, [BLOCK_T, G_PAD, NJ]), axis=1)
+            spill = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),
+                           axis=1)
         imp += tl.where(jj == 0, carry[:, None], 0.0)
-        carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BLOCK_T, G_PAD]),
-                       axis=1)
+        carry = spill
         j = j0 + jj
         started = (j * LP)[None, :] <= t_tile[:, None]
         own = (t_tile // LP)[:, None]
         forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
         imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
         keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
+        # Bitonic top-n: the chunk's best n descending against the running top-n ascending;
+        # their element-wise max holds the best n of both as a bitonic sequence, which one
+        # merge network sorts (ascending again).
         if NJ > N_PAD:
             keys = tl.topk(keys, N_PAD)
-        top = tl.topk(tl.reshape(tl.join(top, keys), [BLOCK_T, 2 * N_PAD]), N_PAD)
-    col = tl.arange(0, N_PAD)
+        else:
+            keys = tl.sort(keys, dim=1, descending=True)
+        top = tl.bitonic_merge(tl.maximum(top, keys), dim=1, descending=False)
+    col = N_PAD - 1 - tl.arange(0, N_PAD)  # top is ascending: store the best first
     dead = monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
     alive = (top >> 32) > dead
     idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)

@@ -100,6 +100,21 @@ def test_triton_lse_is_inf_where_no_compressed_block_is_visible():
     assert torch.isfinite(res.lse_cmp[..., 15:]).all()
 
 
+
+@pytest.mark.parametrize("rows,nj,n", [(16, 4, 4), (16, 8, 3), (16, 16, 5), (64, 8, 4)])
+def test_triton_selection_merges_chunks_of_blocks(rows, nj, n):
+    """The running top-n across chunks of nj selection blocks (13 blocks at T=200): chunks of
+    exactly n_pad blocks (sorted whole) and of more (their top-n first), n below n_pad; 64
+    rows = 32 positions, where the group is summed before the importance MMA."""
+    from nsa_compile.templates.nsa_configs import KernelConfig
+    cfg = NSAConfig(**{**SMALL_NSA, "select_count": n})
+    out = _run(1, 4, 2, 200, 16, 16, cfg, torch.float32,
+               configs={**SMALL, "sel": KernelConfig(rows, nj, 4, 1)})
+    _check(*out, tol=1e-5)
+    idx = out[-1].block_idx
+    # best first: the forced blocks (+inf) lead, in index order
+    assert (idx[..., 0][..., 16:] == 0).all()
+
 # The selected branch block by block (the queries that chose each block, then a merge pass).
 BLOCKS = {**SMALL, "slc": ref.SMALL_BLOCKS["slc"]}
 
