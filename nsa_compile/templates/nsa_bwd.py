@@ -207,7 +207,7 @@ def nsa_slc_bwd_dkdv_kernel(
         ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr):
     """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), and
     with FUSE_DQ each (query, slot) pair's share of dQ, dS·K of this block, at row PAIRS[e] of
-    DQ_PART (pairs, G, DK) fp32 for `nsa_slc_bwd_dq_merge_kernel` to sum.
+    DQ_PART (pairs, G, DK; the inputs' dtype) for `nsa_slc_bwd_dq_merge_kernel` to sum in fp32.
 
     QUERIES[STARTS[g] : STARTS[g + 1]], g = (b·H + h)·n_blocks + j, are the positions that chose
     block j in ascending order; they are taken BLOCK_T at a time with their whole GQA group as
@@ -310,5 +310,5 @@ def nsa_slc_bwd_dq_merge_kernel(
     dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
     for s_i in range(N):
         live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
-        dq += load_rows(DQ_PART, b, gh, pair, live, 0, DK, G * DK, 1, DK, DK_PAD)
+        dq += load_rows(DQ_PART, b, gh, pair, live, 0, DK, G * DK, 1, DK, DK_PAD).to(tl.float32)
     store_rows(DQ, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, ACCUMULATE)

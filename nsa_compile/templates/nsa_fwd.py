@@ -126,21 +126,40 @@ def nsa_select_kernel(
         own = (t_tile // LP)[:, None]
         forced = started & ((j[None, :] < S_INIT) | (j[None, :] > own - S_LOCAL))
         imp = tl.where(forced, float("inf"), tl.where(started, imp, float("-inf")))
-        keys = pack_key(imp, tl.broadcast_to(j[None, :], [BLOCK_T, NJ]))
-        # Bitonic top-n: the chunk's best n descending against the running top-n ascending;
-        # their element-wise max holds the best n of both as a bitonic sequence, which one
-        # merge network sorts (ascending again).
+        # Bitonic top-n: the chunk's best n descending (sorted as int32 keys) against the
+        # running top-n ascending; their element-wise max holds the best n of both as a
+        # bitonic sequence, which one merge network sorts (ascending again).
+        keys = chunk_keys(imp, NJ)
         if NJ > N_PAD:
             keys = tl.topk(keys, N_PAD)
         else:
             keys = tl.sort(keys, dim=1, descending=True)
-        top = tl.bitonic_merge(tl.maximum(top, keys), dim=1, descending=False)
+        top = tl.bitonic_merge(tl.maximum(top, widen_key(keys, j0, NJ)), dim=1,
+                               descending=False)
     col = N_PAD - 1 - tl.arange(0, N_PAD)  # top is ascending: store the best first
     dead = monotone_bits(tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)).to(tl.int64)
     alive = (top >> 32) > dead
     idx = tl.where(alive & (col[None, :] < N), unpack_index(top), -1)
     off = ((b * H + h).to(tl.int64) * T + t_tile.to(tl.int64))[:, None] * N_PAD + col[None, :]
     tl.store(IDX + off, idx, mask=(t_tile < T)[:, None])
+
+
+@triton.jit
+def chunk_keys(imp, NJ: tl.constexpr):
+    """(rows, NJ) importance of a chunk's blocks -> int32 keys whose descending order is
+    importance desc, then place in the chunk asc: the score's order bits with the lowest
+    log2(NJ) replaced by the place (scores within 2^-(23 - log2 NJ) relative count as tied —
+    far below the importance's own bf16 rounding)."""
+    place = tl.arange(0, NJ)
+    return (monotone_bits(imp) & -NJ) | (NJ - 1 - place)[None, :]
+
+
+@triton.jit
+def widen_key(key, j0, NJ: tl.constexpr):
+    """A chunk key of blocks j0 … j0+NJ-1 -> the int64 key of pack_key (truncated score,
+    block index)."""
+    idx = j0 + NJ - 1 - (key & (NJ - 1))
+    return ((key & -NJ).to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
 
 
 @jit_kernel

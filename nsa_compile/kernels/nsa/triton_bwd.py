@@ -152,8 +152,11 @@ class _Backward:
             self.selected_dq(block_idx)
         B, H, T, n_pad = block_idx.shape
         DK = self.common["DK"]
-        chunk = position_chunk(T, B * H * n_pad * self.G * DK * 4) if fuse else T
-        dq_part = self.dq.new_empty(B * H * chunk * n_pad * self.G * DK) if fuse else None
+        # the shares in the input dtype (as the forward's partial outputs): half the bytes of
+        # fp32, twice the positions per chunk; the merge sums them in fp32
+        elem = self.q.element_size()
+        chunk = position_chunk(T, B * H * n_pad * self.G * DK * elem) if fuse else T
+        dq_part = self.q.new_empty(B * H * chunk * n_pad * self.G * DK) if fuse else None
         g_pad = _pow2(self.G)
         merge_t = max(1, MERGE_ROWS // g_pad)
         # every chunk's grid spans all blocks: the first writes each block's dK/dV
