@@ -110,3 +110,16 @@ def gradients(grad_out, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, block_i
     if gates is not None:
         grads[3][..., slot] = (do * o_sel.detach()).sum(-1)
     return tuple(grads)
+
+
+def record_position_chunks(monkeypatch, launcher: str) -> list:
+    """Sets a 1-byte partial budget (chunks of 16 positions) and returns the list that collects
+    the first position of each chunk `launcher` ("triton_fwd" / "triton_bwd") inverts."""
+    from nsa_compile.kernels.nsa import inverted
+    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 1)
+    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 16)
+    chunks = []
+    invert = inverted.invert_selection
+    monkeypatch.setattr(f"nsa_compile.kernels.nsa.{launcher}.invert_selection",
+                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+    return chunks

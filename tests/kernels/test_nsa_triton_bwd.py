@@ -155,13 +155,9 @@ def test_triton_backward_selected_dq_fused_into_dkdv(name):
 
 
 def test_triton_backward_fused_dq_in_position_chunks(monkeypatch):
-    from nsa_compile.kernels.nsa import inverted
-    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 1)
-    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 16)
-    chunks = []
-    invert = inverted.invert_selection
-    monkeypatch.setattr("nsa_compile.kernels.nsa.triton_bwd.invert_selection",
-                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+    """dQ shares over budget: chunks of 16 positions (on the GPU when B·H·T·n·G·Dk·elem bytes
+    pass 1 GiB)."""
+    chunks = ref.record_position_chunks(monkeypatch, "triton_bwd")
     test_triton_backward_matches_reference("selected-only-G8-T70",
                                            configs={**SMALL, **ref.SMALL_BLOCKS})
     assert chunks == [0, 16, 32, 48, 64]

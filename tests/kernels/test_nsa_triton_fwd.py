@@ -130,14 +130,8 @@ def test_triton_forward_selected_block_by_block(name):
 
 def test_triton_forward_selected_block_by_block_in_position_chunks(monkeypatch):
     """Partial results over budget: the positions run in chunks of 16 (on the GPU when
-    B·H·T·n·G·(Dv + 1)·4 bytes pass 1 GiB)."""
-    from nsa_compile.kernels.nsa import inverted
-    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 1)
-    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 16)
-    chunks = []
-    invert = inverted.invert_selection
-    monkeypatch.setattr("nsa_compile.kernels.nsa.triton_fwd.invert_selection",
-                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+    B·H·T·n·G·(Dv·elem + 4) bytes pass 1 GiB)."""
+    chunks = ref.record_position_chunks(monkeypatch, "triton_fwd")
     out = _run(1, 4, 2, 50, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, configs=BLOCKS)
     assert chunks == [0, 16, 32, 48]
     _check(*out, tol=1e-5)
