@@ -32,7 +32,7 @@ SPACES = {
     # selected branch: block_n 0 — one position per program, block_m is the padded group (16);
     # block_n 1 — one selection block per program over the queries that chose it, block_m rows
     "slc": dict(block_m=(16, 32, 64, 128), block_n=(0, 1), num_warps=(2, 4, 8),
-                num_stages=(1, 2, 3)),
+                num_stages=(1, 2)),
     "win": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # backward, compressed/window branch: block_m query rows, block_n keys per tile
     "cmp_dq": dict(block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
@@ -42,7 +42,7 @@ SPACES = {
     # backward, selected branch: dq block_n 0 — one position per program (block_m = padded
     # group), 1 — fused into dkdv (no launch of its own: one candidate stands for it);
     # dkdv block_m query rows per step over a block's inverted selection
-    "slc_dq": dict(block_m=(16,), block_n=(0, 1), num_warps=(2, 4, 8), num_stages=(1, 2, 3)),
+    "slc_dq": dict(block_m=(16,), block_n=(0, 1), num_warps=(2, 4, 8), num_stages=(1, 2)),
     "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0,), num_warps=(4, 8), num_stages=(1, 2)),
 }
 
@@ -83,8 +83,7 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
     and keep q (elem bytes), the fp32 accumulator and the fp32 scores under ~200 registers
     per thread."""
     if kind in ("slc", "slc_dq") and not cfg.block_n:
-        # one position per program: each stage holds one selection block's K and V
-        return cfg.block_m == 16 and cfg.num_stages * 64 * (dk + dv) * elem <= 200 * 1024
+        return cfg.block_m == 16
     if kind == "slc_dq":
         return (cfg.num_warps, cfg.num_stages) == (4, 1)
     if kind == "slc" and (cfg.num_warps < 4 or cfg.block_m < 32):
