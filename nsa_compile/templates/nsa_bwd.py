@@ -18,8 +18,8 @@ also writes each (query, slot) pair's share of dQ, which a merge kernel sums per
 import triton
 import triton.language as tl
 
-from .nsa_common import (LOG2E, gqa_rows, jit_kernel, load_gate, load_keys, load_rows,
-                          store_rows)
+from .nsa_common import (LOG2E, gqa_rows, gqa_rows_by_head, jit_kernel, key_value_tiles,
+                          load_gate, load_keys, load_rows, load_tile, store_rows)
 from .nsa_fwd import merge_slot, merge_tile
 
 
@@ -61,7 +61,7 @@ def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
 
 @jit_kernel
 def nsa_dense_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, GATES, DQ,
+        Q, K, V, K_TILES, V_TILES, DO, LSE, DELTA, GATES, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
         T, n_keys, scale, gate_fixed,
@@ -69,8 +69,9 @@ def nsa_dense_bwd_dq_kernel(
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
-    """dQ of the compressed or window branch for one (batch, KV head, query tile); DQ fp32."""
+        ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
+    """dQ of the compressed or window branch for one (batch, KV head, query tile); DQ fp32.
+    K_TILES/V_TILES: the key tiles' sources for `load_tile`."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -91,8 +92,8 @@ def nsa_dense_bwd_dq_kernel(
     for c0 in range(lo, hi, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         live = c < n_keys
-        k = load_keys(K, b, h, c, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        v = load_keys(V, b, h, c, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, c0, n_keys, sk_b, sk_h, sk_t, sk_d,
+                               sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
         pos = c * KEY_STRIDE + KEY_LAST
         visible = (pos[None, :] <= tok[:, None]) & live[None, :]
         if WINDOW > 0:
@@ -105,7 +106,7 @@ def nsa_dense_bwd_dq_kernel(
 
 @jit_kernel
 def nsa_dense_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, GATES, DK_OUT, DV_OUT,
+        Q, K, V, DO, Q_TILES, DO_TILES, LSE, DELTA, GATES, DK_OUT, DV_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
@@ -114,12 +115,14 @@ def nsa_dense_bwd_dkdv_kernel(
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
+        ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of the compressed or window branch for one (batch, KV head, key tile, query
     chunk): walks the query tiles of chunk program_id(2) (queries [s·q_chunk, (s+1)·q_chunk),
     q_chunk a multiple of BLOCK_T) that see the tile's keys; the whole GQA group is summed in
-    each MMA. Chunk s writes its partial sums split_stride elements after chunk s - 1's, so
-    the long compressed-key walk is spread over more programs and summed in a fixed order."""
+    each MMA (rows head-major: with TMA a tile's q and dO are one (G_PAD, BLOCK_T) block copy
+    each, Q_TILES/DO_TILES). Chunk s writes its partial sums split_stride elements after
+    chunk s - 1's, so the long compressed-key walk is spread over more programs and summed in
+    a fixed order."""
     c = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     q_lo = tl.program_id(2) * q_chunk
     split = tl.program_id(2).to(tl.int64) * split_stride
@@ -139,9 +142,15 @@ def nsa_dense_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_K, DK_PAD], tl.float32)
     dv = tl.zeros([BLOCK_K, DV_PAD], tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
-        tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
-        q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
-        do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+        tok, hq, ok = gqa_rows_by_head(t0, h, T, G, G_PAD, BLOCK_T)
+        if TMA:  # rows of heads past the group (G < G_PAD) are dead: lse = +inf, P = 0
+            q = load_tile(Q, Q_TILES, b, h * G, t0, T, 0, 0, 0, 0, G_PAD, BLOCK_T, DK, DK_PAD,
+                          True)
+            do = load_tile(DO, DO_TILES, b, h * G, t0, T, 0, 0, 0, 0, G_PAD, BLOCK_T, DV,
+                           DV_PAD, True)
+        else:
+            q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+            do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
         lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
                                     sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
         visible = (pos[None, :] <= tok[:, None]) & live[None, :]
@@ -158,14 +167,14 @@ def nsa_dense_bwd_dkdv_kernel(
 
 @jit_kernel
 def nsa_slc_bwd_dq_kernel(
-        Q, K, V, DO, IDX, LSE, DELTA, GATES, DQ,
+        Q, K, V, K_TILES, V_TILES, DO, IDX, LSE, DELTA, GATES, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
         T, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, LP: tl.constexpr,
         N: tl.constexpr, N_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
+        ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dQ of the selected branch for one (batch, KV head, query position): the forward's loop
     over the position's n blocks (IDX (B, H, T, N_PAD), -1 = none)."""
     t = tl.program_id(0)
@@ -185,8 +194,9 @@ def nsa_slc_bwd_dq_kernel(
         j = tl.sum(tl.where(slots == s_i, blocks, 0))
         pos = j * LP + tl.arange(0, LP)
         live = (pos <= t) & (j >= 0)
-        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, tl.maximum(j, 0) * LP, T, sk_b,
+                               sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, LP, DK, DK_PAD, DV,
+                               DV_PAD, True, TMA)
         p, ds = _probs_and_dscores(q, do, k, v, live[None, :], lse2, delta, g, qk_scale)
         dq += tl.dot(ds.to(k.dtype), k)
     store_rows(DQ, dq * scale, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD,

@@ -33,6 +33,16 @@ def gqa_rows(t0, h, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constex
 
 
 @triton.jit
+def gqa_rows_by_head(t0, h, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """gqa_rows in head-major order (row r: query head r // BLOCK_T, position r % BLOCK_T), the
+    order of a (G_PAD, BLOCK_T) block of q[b, h·G …, t0 …] as `load_tile` copies it."""
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    tok = t0 + r % BLOCK_T
+    g = r // BLOCK_T
+    return tok, h * G + g, (tok < T) & (g < G)
+
+
+@triton.jit
 def load_rows(ptr, b, hq, tok, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl.constexpr):
     """x[b, hq, tok, :] for each row -> (rows, D_PAD); 64-bit offsets."""
     d = tl.arange(0, D_PAD)
@@ -46,6 +56,33 @@ def load_keys(ptr, b, h, pos, ok, s_b, s_h, s_t, s_d, D: tl.constexpr, D_PAD: tl
     d = tl.arange(0, D_PAD)
     off = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + pos.to(tl.int64)[:, None] * s_t
     return tl.load(ptr + off + d[None, :] * s_d, mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_tile(ptr, desc, b, h, t0, n, s_b, s_h, s_t, s_d, HEADS: tl.constexpr,
+              BLOCK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr):
+    """x[b, h : h + HEADS, t0 : t0 + BLOCK, :] -> (HEADS * BLOCK, D_PAD) rows, head-major, zero
+    past x's length n and past column D. TMA: one bulk copy through `desc`, a tensor
+    descriptor of x with block [1, HEADS, BLOCK, D_PAD] (`triton_fwd.tiles`; heads past x's
+    end are zero too); else pointer loads (which need HEADS == 1). t0 >= 0."""
+    if TMA:
+        return desc.load([b, h, t0, 0]).reshape(HEADS * BLOCK, D_PAD)
+    pos = t0 + tl.arange(0, BLOCK)
+    return load_keys(ptr, b, h, pos, pos < n, s_b, s_h, s_t, s_d, D, D_PAD)
+
+
+@triton.jit
+def key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, n, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t,
+                    sv_d, BLOCK: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                    DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_V: tl.constexpr,
+                    TMA: tl.constexpr):
+    """Keys and values k0 … k0 + BLOCK - 1 of (b, KV head h) via `load_tile` (without HAS_V the
+    keys stand in for the values)."""
+    k = load_tile(K, K_TILES, b, h, k0, n, sk_b, sk_h, sk_t, sk_d, 1, BLOCK, DK, DK_PAD, TMA)
+    v = k
+    if HAS_V:
+        v = load_tile(V, V_TILES, b, h, k0, n, sv_b, sv_h, sv_t, sv_d, 1, BLOCK, DV, DV_PAD, TMA)
+    return k, v
 
 
 @triton.jit

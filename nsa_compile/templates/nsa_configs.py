@@ -26,7 +26,7 @@ class KernelConfig:
 
 SPACES = {
     # compressed branch: block_n is the compressed-key tile
-    "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2,)),
+    "cmp": dict(block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # top-n selection: block_n is the number of selection blocks scored per step (NJ)
     "sel": dict(block_m=(64, 128, 256), block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2)),
     # selected branch: block_n 0 — one position per program, block_m is the padded group (16);

@@ -5,24 +5,41 @@ compressed (writes O and the lse), selection (reads the lse), selected (adds to 
 import triton
 import triton.language as tl
 
-from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, jit_kernel, load_keys,
-                         load_rows, monotone_bits, online_softmax_step, pack_key, store_rows,
-                         unpack_index)
+from .nsa_common import (LOG2E, finish_softmax, gated_store, gqa_rows, jit_kernel,
+                         key_value_tiles, load_keys, load_rows, load_tile, monotone_bits,
+                         online_softmax_step, pack_key, store_rows, unpack_index)
+
+
+@triton.jit
+def cmp_step(q, kc, vc, c, tok, m_i, l_i, acc, qk_scale, L: tl.constexpr, STRIDE: tl.constexpr,
+             HAS_CMP: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of compressed keys c: the online softmax (only its normaliser without
+    HAS_CMP); MASKED hides the keys a row cannot see yet (tiles every row sees skip it)."""
+    s = tl.dot(q, tl.trans(kc)) * qk_scale
+    if MASKED:
+        s = tl.where((c * STRIDE + L - 1)[None, :] <= tok[:, None], s, float("-inf"))
+    if HAS_CMP:
+        return online_softmax_step(s, m_i, l_i, acc, vc)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+    return m_new, l_i, acc
 
 
 @jit_kernel
 def nsa_cmp_fwd_kernel(
-        Q, KC, VC, GATES, O, OB, LSE,
+        Q, KC, VC, KC_TILES, VC_TILES, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, Tc, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, HAS_CMP: tl.constexpr,
-        HAS_GATES: tl.constexpr, SAVE: tl.constexpr):
+        HAS_GATES: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
     """Flash attention over the compressed keys for one (batch, KV head, query tile): writes
     the gated o_cmp (when the branch is present) and the lse that selection needs.
-    LSE: (B, HQ, T) fp32, +inf where no compressed block is visible yet.
+    LSE: (B, HQ, T) fp32, +inf where no compressed block is visible yet. KC_TILES/VC_TILES:
+    the key tiles' sources for `load_tile`.
     """
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
@@ -32,25 +49,26 @@ def nsa_cmp_fwd_kernel(
     q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     qk_scale = scale * LOG2E
     last = t0 + BLOCK_T - 1
-    # Compressed blocks visible to the tile's last query: i*d + l - 1 <= last (<= 0: none).
+    # Compressed blocks visible to the tile's last query: i*d + l - 1 <= last (<= 0: none);
+    # the first n_full (whole tiles) are visible to its first query too: no mask there.
     n_vis = (last - L + 1 + STRIDE) // STRIDE
+    n_full = tl.maximum(t0 - L + 1 + STRIDE, 0) // STRIDE // BLOCK_C * BLOCK_C
 
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
-    for c0 in range(0, n_vis, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        s = tl.dot(q, tl.trans(kc)) * qk_scale
-        s = tl.where((c * STRIDE + L - 1)[None, :] <= tok[:, None], s, float("-inf"))
-        if HAS_CMP:
-            vc = load_keys(VC, b, h, c, c < Tc, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, vc)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
+    for c0 in range(0, n_full, BLOCK_C):
+        kc, vc = key_value_tiles(KC, VC, KC_TILES, VC_TILES, b, h, c0, Tc, sk_b, sk_h, sk_t, sk_d,
+                                 sv_b, sv_h, sv_t, sv_d, BLOCK_C, DK, DK_PAD, DV, DV_PAD, HAS_CMP,
+                                 TMA)
+        m_i, l_i, acc = cmp_step(q, kc, vc, c0 + tl.arange(0, BLOCK_C), tok, m_i, l_i, acc,
+                                 qk_scale, L, STRIDE, HAS_CMP, False)
+    for c0 in range(n_full, n_vis, BLOCK_C):
+        kc, vc = key_value_tiles(KC, VC, KC_TILES, VC_TILES, b, h, c0, Tc, sk_b, sk_h, sk_t, sk_d,
+                                 sv_b, sv_h, sv_t, sv_d, BLOCK_C, DK, DK_PAD, DV, DV_PAD, HAS_CMP,
+                                 TMA)
+        m_i, l_i, acc = cmp_step(q, kc, vc, c0 + tl.arange(0, BLOCK_C), tok, m_i, l_i, acc,
+                                 qk_scale, L, STRIDE, HAS_CMP, True)
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
     if HAS_CMP:
@@ -60,11 +78,11 @@ def nsa_cmp_fwd_kernel(
 
 @jit_kernel
 def nsa_select_kernel(
-        Q, KC, LSE, IDX, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, T, Tc, scale,
+        Q, KC, KC_TILES, LSE, IDX, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, T, Tc, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         DK: tl.constexpr, DK_PAD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
         LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, NJ: tl.constexpr,
-        S_INIT: tl.constexpr, S_LOCAL: tl.constexpr):
+        S_INIT: tl.constexpr, S_LOCAL: tl.constexpr, TMA: tl.constexpr):
     """Top-n block selection for one (batch, KV head, query tile).
 
     Recomputes the compressed-branch probabilities (with the lse of nsa_cmp_fwd_kernel) chunk
@@ -102,7 +120,8 @@ def nsa_select_kernel(
     n_sel = last // LP + 1
     for j0 in range(0, n_sel, NJ):
         c = j0 * R + ii
-        kc = load_keys(KC, b, h, c, c < Tc, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        kc = load_tile(KC, KC_TILES, b, h, j0 * R, Tc, sk_b, sk_h, sk_t, sk_d, 1, BLOCK_C2, DK,
+                       DK_PAD, TMA)
         s = tl.dot(q, tl.trans(kc)) * qk_scale
         vis = ((c * STRIDE + L - 1)[None, :] <= tok[:, None]) & ok[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
@@ -164,14 +183,14 @@ def widen_key(key, j0, NJ: tl.constexpr):
 
 @jit_kernel
 def nsa_slc_fwd_kernel(
-        Q, K, V, IDX, GATES, O, OB, LSE,
+        Q, K, V, K_TILES, V_TILES, IDX, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
-        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
+        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
     """Selected-block attention for one (batch, KV head, query position): the G query heads of
     the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
     t = tl.program_id(0)
@@ -192,8 +211,9 @@ def nsa_slc_fwd_kernel(
         j = tl.sum(tl.where(slots == s_i, blocks, 0))
         pos = j * LP + tl.arange(0, LP)
         live = (pos <= t) & (j >= 0)
-        k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, tl.maximum(j, 0) * LP, T, sk_b,
+                               sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, LP, DK, DK_PAD, DV,
+                               DV_PAD, True, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(live[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
@@ -203,18 +223,32 @@ def nsa_slc_fwd_kernel(
                 gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
 
 
+@triton.jit
+def win_step(q, k, v, pos, tok, m_i, l_i, acc, qk_scale, WINDOW: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key tile of the window branch; MASKED hides keys outside (tok - WINDOW, tok]."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        vis = pos[None, :] <= tok[:, None]
+        if WINDOW > 0:
+            vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
+        s = tl.where(vis, s, float("-inf"))
+    return online_softmax_step(s, m_i, l_i, acc, v)
+
+
 @jit_kernel
 def nsa_win_fwd_kernel(
-        Q, K, V, GATES, O, OB, LSE,
+        Q, K, V, K_TILES, V_TILES, GATES, O, OB, LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
         T, scale, gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr, SAVE: tl.constexpr):
+        BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+        DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
     """Sliding-window (WINDOW == 0: full causal) attention for one (batch, KV head, query
-    tile): keys in (t - window, t]."""
+    tile): keys in (t - window, t]. Key tiles [lo, hi) in three runs: masked, seen by every
+    row of the tile (no mask), masked (the diagonal)."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -227,19 +261,28 @@ def nsa_win_fwd_kernel(
     qk_scale = scale * LOG2E
     hi = t0 + BLOCK_T
     lo = 0
+    full_lo = 0   # first key every row sees, rounded up to a tile
     if WINDOW > 0:
         lo = t0 - WINDOW + 1
         lo = lo * (lo > 0) // BLOCK_K * BLOCK_K
-    for k0 in range(lo, hi, BLOCK_K):
-        pos = k0 + tl.arange(0, BLOCK_K)
-        k = load_keys(K, b, h, pos, pos < T, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
-        v = load_keys(V, b, h, pos, pos < T, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = pos[None, :] <= tok[:, None]
-        if WINDOW > 0:
-            vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
-        s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+        full_lo = tl.maximum(lo, (t0 + BLOCK_T - WINDOW + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
+    full_hi = tl.maximum(lo, (t0 + 1) // BLOCK_K * BLOCK_K)  # tiles ending at or before t0
+    full_lo = tl.minimum(full_lo, full_hi)
+    for k0 in range(lo, full_lo, BLOCK_K):
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
+                               sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
+        m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
+                                 qk_scale, WINDOW, True)
+    for k0 in range(full_lo, full_hi, BLOCK_K):
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
+                               sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
+        m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
+                                 qk_scale, WINDOW, False)
+    for k0 in range(full_hi, hi, BLOCK_K):
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
+                               sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
+        m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
+                                 qk_scale, WINDOW, True)
     o, lse = finish_softmax(m_i, l_i, acc)
     tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
     gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,

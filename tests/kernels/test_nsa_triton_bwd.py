@@ -115,6 +115,13 @@ def test_partial_slots_count_the_chunks_after_each_lists_first():
     assert list_chunk(10 ** 6, 12, torch.device("cpu")) % 12 == 0
 
 
+@pytest.mark.parametrize("name", ["all-learned-T37-G2", "all-learned-G3-T50-n3-fp16"])
+def test_triton_backward_pointer_loads(name, monkeypatch):
+    """Without tensor descriptors (GPUs before Hopper, layouts TMA cannot read)."""
+    monkeypatch.setenv("NSA_COMPILE_TMA", "0")
+    test_triton_backward_matches_reference(name)
+
+
 def test_triton_backward_strided_inputs_and_gradients():
     """Non-contiguous q/k/v/gates: read through their strides, gradients in the same strides."""
     test_triton_backward_matches_reference("all-learned-T37-G2", transposed=True)

@@ -26,6 +26,9 @@ CASES = {
         torch.float32),
     "compressed-only-T111": (1, 2, 1, 111, 16, 16, NSAConfig(
         **SMALL_NSA, branches=("compressed",), gate=(1.0,)), torch.float32),
+    # long enough for compressed-key tiles every query of a tile sees (the unmasked loop)
+    "compressed-only-T300-G1": (1, 2, 2, 300, 16, 16, NSAConfig(
+        **SMALL_NSA, branches=("compressed",), gate=(1.0,)), torch.float32),
     "window-only-T63": (1, 8, 2, 63, 32, 16, NSAConfig(
         **SMALL_NSA, branches=("window",), gate=(0.7,)), torch.float16),
 }
@@ -91,6 +94,31 @@ def test_triton_forward_matches_reference(name):
 def test_triton_forward_strided_inputs():
     out = _run(1, 4, 2, 40, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, transposed=True)
     _check(*out, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["all-learned-T37-G2", "compressed-only-T300-G1"])
+def test_triton_forward_pointer_loads(name, monkeypatch):
+    """Without tensor descriptors (GPUs before Hopper, layouts TMA cannot read) the kernels
+    load key tiles through pointers."""
+    from nsa_compile.kernels.nsa.triton_fwd import tiles
+    monkeypatch.setenv("NSA_COMPILE_TMA", "0")
+    B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
+    out = _run(B, HQ, H, T, DK, DV, cfg, dtype)
+    assert tiles(out[1], 16) == (out[1], False)
+    _check(*out, tol=1e-5)
+
+
+def test_tiles_take_a_descriptor_only_where_tma_can_read():
+    from nsa_compile.kernels.nsa.triton_fwd import tiles
+    x = torch.randn(2, 3, 40, 16)
+    src, tma = tiles(x, 16, heads=2)
+    assert tma and src.block_shape == [1, 2, 16, 16] and list(src.shape) == [2, 3, 40, 16]
+    assert tiles(torch.randn(2, 40, 3, 16).transpose(1, 2), 16)[1]  # (B, T, H, D) storage
+    assert not tiles(torch.randn(2, 3, 40, 24), 16)[1]  # D not a power of two
+    assert not tiles(torch.randn(2, 3, 16, 40).transpose(2, 3), 16)[1]  # D not contiguous
+    assert not tiles(torch.randn(2 * 3 * 40 * 16 + 1)[1:].view(2, 3, 40, 16), 16)[1]  # unaligned
+    assert not tiles(torch.randn(1, 3, 40, 16), 512)[1]  # a block TMA cannot copy
+    assert not tiles(x[:, :, :0], 16)[1]
 
 
 def test_triton_lse_is_inf_where_no_compressed_block_is_visible():

@@ -2,12 +2,14 @@
 CUDA kernel of `nsa_compile::nsa_fwd` that picks them from the autotune cache."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
@@ -43,6 +45,25 @@ class ForwardResult(NamedTuple):
 
 def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
+
+
+def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
+    """Where a kernel's `load_tile` reads blocks of `heads` x `rows` rows of x (B, H, n, D)
+    from -> (source, TMA): a tensor descriptor (bulk copies by the Hopper TMA engine; also in
+    the Triton interpreter) when the GPU and x's layout allow one, else x itself (pointer
+    loads). NSA_COMPILE_TMA=0 turns descriptors off."""
+    elem = x.element_size()
+    ok = (os.environ.get("NSA_COMPILE_TMA", "1") != "0" and x.dim() == 4 and x.numel() > 0
+          and triton.next_power_of_2(x.shape[-1]) == x.shape[-1] and x.stride(-1) == 1
+          and x.data_ptr() % 16 == 0 and rows <= 256 and heads <= 256 and x.shape[-1] <= 256
+          and all(st > 0 and st * elem % 16 == 0 for st in x.stride()[:-1]))
+    if x.is_cuda:
+        ok = ok and torch.cuda.get_device_capability(x.device)[0] >= 9
+    else:
+        ok = ok and os.environ.get("TRITON_INTERPRET") == "1"
+    if not ok:
+        return x, False
+    return TensorDescriptor.from_tensor(x, [1, heads, rows, x.shape[-1]]), True
 
 
 def launch_geometry(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
@@ -108,12 +129,15 @@ def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
     lse = a.lse()
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
     ob, save = a.saved("compressed")
+    kc_tiles, tma = tiles(a.k_cmp, cfg.block_n)
+    vc_tiles, tma_v = tiles(vc, cfg.block_n)
     nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k_cmp, vc, a.gates, a.o, ob, lse,
+        a.q, a.k_cmp, vc, kc_tiles, vc_tiles, a.gates, a.o, ob, lse,
         *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.gate_strides, *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, HAS_CMP=p.has_cmp,
-        SAVE=save, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
+        SAVE=save, TMA=tma and tma_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **a.common)
     return lse
 
 
@@ -122,13 +146,14 @@ def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
     p = a.params
     g_pad, block_t = a.tile(cfg)
     idx = torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
+    nj = max(a.n_pad, cfg.block_n)
+    kc_tiles, tma = tiles(a.k_cmp, nj * (p.select_block // p.compress_stride))
     nsa_select_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k_cmp, lse, idx, *a.q.stride(), *a.k_cmp.stride(), a.T, a.k_cmp.shape[2],
+        a.q, a.k_cmp, kc_tiles, lse, idx, *a.q.stride(), *a.k_cmp.stride(), a.T, a.k_cmp.shape[2],
         p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t, DK=a.common["DK"],
         DK_PAD=a.common["DK_PAD"], L=p.compress_block, STRIDE=p.compress_stride,
-        LP=p.select_block, N=p.select_count, N_PAD=a.n_pad, NJ=max(a.n_pad, cfg.block_n),
-        S_INIT=p.select_initial, S_LOCAL=p.select_local, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        LP=p.select_block, N=p.select_count, N_PAD=a.n_pad, NJ=nj, S_INIT=p.select_initial,
+        S_LOCAL=p.select_local, TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return idx
 
 
@@ -143,11 +168,12 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     slot = p.gate_slot("selected")
     lse = a.lse()
     ob, save = a.saved("selected")
+    (k_tiles, tma), (v_tiles, tma_v) = tiles(a.k, p.select_block), tiles(a.v, p.select_block)
     nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
-        a.q, a.k, a.v, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale, a.fixed[slot],
-        G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count, N_PAD=a.n_pad,
-        SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **a.common)
+        a.q, a.k, a.v, k_tiles, v_tiles, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
+        a.fixed[slot], G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count,
+        N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, TMA=tma and tma_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
 
@@ -190,11 +216,12 @@ def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
     g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     ob, save = a.saved("window")
+    (k_tiles, tma), (v_tiles, tma_v) = tiles(a.k, cfg.block_n), tiles(a.v, cfg.block_n)
     nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k, a.v, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale, a.fixed[slot],
-        G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window, SLOT=slot,
-        ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **a.common)
+        a.q, a.k, a.v, k_tiles, v_tiles, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
+        a.fixed[slot], G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window,
+        SLOT=slot, ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, TMA=tma and tma_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
 
