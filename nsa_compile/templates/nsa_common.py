@@ -66,9 +66,11 @@ def load_tile(ptr, desc, b, h, t0, n, s_b, s_h, s_t, s_d, HEADS: tl.constexpr,
     descriptor of x with block [1, HEADS, BLOCK, D_PAD] (`triton_fwd.tiles`; heads past x's
     end are zero too); else pointer loads (which need HEADS == 1). t0 >= 0."""
     if TMA:
-        return desc.load([b, h, t0, 0]).reshape(HEADS * BLOCK, D_PAD)
-    pos = t0 + tl.arange(0, BLOCK)
-    return load_keys(ptr, b, h, pos, pos < n, s_b, s_h, s_t, s_d, D, D_PAD)
+        x = desc.load([b, h, t0, 0]).reshape(HEADS * BLOCK, D_PAD)
+    else:
+        pos = t0 + tl.arange(0, BLOCK)
+        x = load_keys(ptr, b, h, pos, pos < n, s_b, s_h, s_t, s_d, D, D_PAD)
+    return x
 
 
 @triton.jit
