@@ -59,17 +59,6 @@ def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
-def _probs_and_dscores_t(q, do, k, v, visible, lse2, delta, g, qk_scale):
-    """_probs_and_dscores transposed, (keys × rows) for dK/dV: P and dS come out of the MMAs in
-    the layout the next MMAs take as their left operand (no transpose through shared memory);
-    visible is (keys × rows) too."""
-    s = tl.dot(k, tl.trans(q)) * qk_scale
-    p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0) * g[None, :]
-    dp = tl.dot(v, tl.trans(do))
-    return p, p * (dp - delta[None, :])
-
-
 @jit_kernel
 def nsa_dense_bwd_dq_kernel(
         Q, K, V, K_TILES, V_TILES, DO, LSE, DELTA, GATES, DQ,
@@ -164,12 +153,12 @@ def nsa_dense_bwd_dkdv_kernel(
             do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
         lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
                                     sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
-        visible = (pos[:, None] <= tok[None, :]) & live[:, None]
+        visible = (pos[None, :] <= tok[:, None]) & live[None, :]
         if WINDOW > 0:
-            visible = visible & (pos[:, None] > tok[None, :] - WINDOW)
-        p_t, ds_t = _probs_and_dscores_t(q, do, k, v, visible, lse2, delta, g, qk_scale)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dk += tl.dot(ds_t.to(q.dtype), q)
+            visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
+        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     store_rows(DK_OUT + split, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                DK_PAD, ACCUMULATE)
     store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
