@@ -21,7 +21,7 @@ from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from .params import NSAParams, num_selection_blocks
 from .inverted import Inverted, invert_selection, list_chunk, position_chunk, sms
-from .triton_fwd import MERGE_ROWS, _pow2, launch_geometry, shape_keys, tiles
+from .triton_fwd import MERGE_ROWS, _pow2, launch_geometry, shape_keys, tile_pair
 
 # The compressed dK/dV walk over queries is split into chunks of at least MIN_SPLIT_QUERIES
 # queries, aiming at SPLIT_PROGRAMS_PER_SM programs per SM.
@@ -88,13 +88,13 @@ class _Backward:
         keys, values, key_stride, key_last, window, _, _ = self.dense_keys[name]
         lse, delta, slot, fixed = self._branch(name)
         cfg, g_pad, block_t = self._rows(self._kind(name, "dq"))
-        (k_tiles, tma), (v_tiles, tma_v) = tiles(keys, cfg.block_n), tiles(values, cfg.block_n)
+        k_tiles, v_tiles, tma = tile_pair(keys, values, cfg.block_n)
         nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
             self.q, keys, values, k_tiles, v_tiles, self.do, lse, delta, self.gates, self.dq,
             *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
             self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
             KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, SLOT=slot,
-            ACCUMULATE=self.wrote_dq, TMA=tma and tma_v, num_warps=cfg.num_warps,
+            ACCUMULATE=self.wrote_dq, TMA=tma, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
@@ -116,8 +116,7 @@ class _Backward:
             if splits > 1:
                 out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
                 out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
-            (q_tiles, tma), (do_tiles, tma_do) = (tiles(self.q, block_t, g_pad),
-                                                  tiles(self.do, block_t, g_pad))
+            q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
             nsa_dense_bwd_dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), self.B * self.H,
                                        splits)](
                 self.q, keys, values, self.do, q_tiles, do_tiles, lse, delta, self.gates, out_k,
@@ -126,7 +125,7 @@ class _Backward:
                 *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, q_chunk,
                 dk.numel(), self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t,
                 BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window,
-                SLOT=slot, ACCUMULATE=name == "window" and self.wrote_dkv, TMA=tma and tma_do,
+                SLOT=slot, ACCUMULATE=name == "window" and self.wrote_dkv, TMA=tma,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
             if splits > 1:
                 dk.copy_(out_k.sum(0))
@@ -136,13 +135,12 @@ class _Backward:
     def selected_dq(self, block_idx: Tensor) -> None:
         lse, delta, slot, fixed = self._branch("selected")
         p, cfg = self.params, self.configs["slc_dq"]
-        (k_tiles, tma), (v_tiles, tma_v) = (tiles(self.k, p.select_block),
-                                            tiles(self.v, p.select_block))
+        k_tiles, v_tiles, tma = tile_pair(self.k, self.v, p.select_block)
         nsa_slc_bwd_dq_kernel[(self.T, self.B * self.H)](
             self.q, self.k, self.v, k_tiles, v_tiles, self.do, block_idx, lse, delta,
             self.gates, self.dq, *self._strides(self.k, self.v), *self.dq.stride(), self.T,
             p.scale, fixed, G_PAD=_pow2(self.G, 16), LP=p.select_block, N=p.select_count,
-            N_PAD=block_idx.shape[-1], SLOT=slot, ACCUMULATE=self.wrote_dq, TMA=tma and tma_v,
+            N_PAD=block_idx.shape[-1], SLOT=slot, ACCUMULATE=self.wrote_dq, TMA=tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 

@@ -66,6 +66,13 @@ def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
     return TensorDescriptor.from_tensor(x, [1, heads, rows, x.shape[-1]]), True
 
 
+def tile_pair(x: Tensor, y: Tensor, rows: int, heads: int = 1) -> Tuple[object, object, bool]:
+    """`tiles` of two tensors one kernel reads alike (keys and values, q and dO) -> (x source,
+    y source, TMA for both)."""
+    (x_src, x_tma), (y_src, y_tma) = tiles(x, rows, heads), tiles(y, rows, heads)
+    return x_src, y_src, x_tma and y_tma
+
+
 def launch_geometry(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                     params: NSAParams):
     """What every NSA kernel launch (forward and backward) derives from its inputs:
@@ -129,15 +136,13 @@ def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
     lse = a.lse()
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
     ob, save = a.saved("compressed")
-    kc_tiles, tma = tiles(a.k_cmp, cfg.block_n)
-    vc_tiles, tma_v = tiles(vc, cfg.block_n)
+    kc_tiles, vc_tiles, tma = tile_pair(a.k_cmp, vc, cfg.block_n)
     nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k_cmp, vc, kc_tiles, vc_tiles, a.gates, a.o, ob, lse,
         *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.gate_strides, *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_C=cfg.block_n, L=p.compress_block, STRIDE=p.compress_stride, HAS_CMP=p.has_cmp,
-        SAVE=save, TMA=tma and tma_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **a.common)
+        SAVE=save, TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
 
@@ -168,11 +173,11 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     slot = p.gate_slot("selected")
     lse = a.lse()
     ob, save = a.saved("selected")
-    (k_tiles, tma), (v_tiles, tma_v) = tiles(a.k, p.select_block), tiles(a.v, p.select_block)
+    k_tiles, v_tiles, tma = tile_pair(a.k, a.v, p.select_block)
     nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
         a.q, a.k, a.v, k_tiles, v_tiles, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
         a.fixed[slot], G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count,
-        N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, TMA=tma and tma_v,
+        N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
@@ -216,11 +221,11 @@ def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
     g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     ob, save = a.saved("window")
-    (k_tiles, tma), (v_tiles, tma_v) = tiles(a.k, cfg.block_n), tiles(a.v, cfg.block_n)
+    k_tiles, v_tiles, tma = tile_pair(a.k, a.v, cfg.block_n)
     nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k, a.v, k_tiles, v_tiles, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
         a.fixed[slot], G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window,
-        SLOT=slot, ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, TMA=tma and tma_v,
+        SLOT=slot, ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
