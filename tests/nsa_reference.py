@@ -53,11 +53,13 @@ def importance(q, k_cmp, params: NSAParams, chunk: int = 512):
     return torch.cat(out, dim=2)
 
 
-def selected_output(q, k, v, block_idx, params: NSAParams, chunk: int = 256):
-    """Selected-branch output (B, HQ, T, Dv) fp64 given block_idx (B, H, T, n), -1 = none."""
+def selected_output(q, k, v, block_idx, params: NSAParams, chunk: int = 256,
+                    with_lse: bool = False):
+    """Selected-branch output (B, HQ, T, Dv) fp64 given block_idx (B, H, T, n), -1 = none;
+    with_lse: also its log-sum-exp (B, HQ, T)."""
     B, HQ, T, _ = q.shape
     H, lp = k.shape[1], params.select_block
-    out = []
+    out, lse = [], []
     for t0 in range(0, T, chunk):
         t = torch.arange(t0, min(T, t0 + chunk), device=q.device)
         idx = block_idx[:, :, t0:t0 + chunk].long()
@@ -74,6 +76,9 @@ def selected_output(q, k, v, block_idx, params: NSAParams, chunk: int = 256):
         s = torch.where(mask[:, :, None], s, -torch.inf)
         p = torch.softmax(s, -1).nan_to_num(0.0)
         out.append(torch.einsum("bhgck,bhckd->bhgcd", p, vv).flatten(1, 2))
+        lse.append(torch.logsumexp(s, -1).flatten(1, 2))
+    if with_lse:
+        return torch.cat(out, dim=2), torch.cat(lse, dim=2)
     return torch.cat(out, dim=2)
 
 
@@ -121,5 +126,5 @@ def record_position_chunks(monkeypatch, launcher: str) -> list:
     chunks = []
     invert = inverted.invert_selection
     monkeypatch.setattr(f"nsa_compile.kernels.nsa.{launcher}.invert_selection",
-                        lambda idx, n, t0: chunks.append(t0) or invert(idx, n, t0))
+                        lambda idx, n, t0, *skip: chunks.append(t0) or invert(idx, n, t0, *skip))
     return chunks

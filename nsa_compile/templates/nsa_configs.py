@@ -52,8 +52,10 @@ SPACES = {
 KERNELS = {
     "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
     "sel": ("nsa_fwd", ("nsa_select_kernel",)),
-    # block by block, the merge kernels after the tuned ones run untuned (MERGE_ROWS rows)
-    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel", "nsa_slc_fwd_blocks_kernel")),
+    # block by block, the merge kernel after the tuned ones runs untuned (MERGE_ROWS rows),
+    # but its work (which slots it merges) is part of what the loop orders are timed on
+    "slc": ("nsa_fwd", ("nsa_slc_fwd_kernel", "nsa_slc_fwd_blocks_kernel",
+                        "nsa_slc_fwd_combine_kernel")),
     "win": ("nsa_fwd", ("nsa_win_fwd_kernel",)),
     "cmp_dq": ("nsa_bwd", ("nsa_dense_bwd_dq_kernel",)),
     "cmp_dkdv": ("nsa_bwd", ("nsa_dense_bwd_dkdv_kernel",)),

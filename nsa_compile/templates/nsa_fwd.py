@@ -1,7 +1,9 @@
 """Triton templates of the NSA forward: compressed branch, top-n block selection, selected
 branch (per position, or block by block with a merge pass), sliding window. Launch order:
 compressed (writes O and the lse), selection (reads the lse), selected (adds to O), window
-(adds to O), so the gated sum is formed in place without a separate combine pass."""
+(adds to O), so the gated sum is formed in place without a separate combine pass. Block by
+block, the window kernel also attends to the selected branch's forced blocks and finishes
+that branch (`nsa_win_fwd_kernel` FOLD)."""
 import triton
 import triton.language as tl
 
@@ -238,17 +240,25 @@ def win_step(q, k, v, pos, tok, m_i, l_i, acc, qk_scale, WINDOW: tl.constexpr,
 
 @jit_kernel
 def nsa_win_fwd_kernel(
-        Q, K, V, K_TILES, V_TILES, GATES, O, OB, LSE,
+        Q, K, V, K_TILES, V_TILES, GATES, O, OB, LSE, SLC_OB, SLC_LSE,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
-        T, scale, gate_fixed,
+        T, scale, gate_fixed, slc_gate_fixed,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
-        ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
+        ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
+        LP: tl.constexpr, S_INIT: tl.constexpr, S_LOCAL: tl.constexpr, SLC_SLOT: tl.constexpr):
     """Sliding-window (WINDOW == 0: full causal) attention for one (batch, KV head, query
     tile): keys in (t - window, t]. Key tiles [lo, hi) in three runs: masked, seen by every
-    row of the tile (no mask), masked (the diagonal)."""
+    row of the tile (no mask), masked (the diagonal).
+
+    FOLD: also the selected branch's forced blocks (the first S_INIT, the S_LOCAL ending at
+    each row's own block — tiles every query tile has at hand, which the block-by-block
+    selected kernel then leaves out): their softmax is merged with the other blocks' (SLC_OB
+    ungated output and SLC_LSE log2-sum-exp, from `nsa_slc_fwd_combine_kernel`), and the
+    selected branch's lse, gated output (added to O) and with SAVE its ungated output (over
+    SLC_OB) are stored here."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -284,9 +294,51 @@ def nsa_win_fwd_kernel(
         m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
                                  qk_scale, WINDOW, True)
     o, lse = finish_softmax(m_i, l_i, acc)
-    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+    row = (b * H * G + hq).to(tl.int64) * T + tok
+    tl.store(LSE + row, lse, mask=ok)
     gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
                 gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+    if FOLD:
+        m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+        # the initial blocks' tiles, then the local blocks' (from the tile's first row's
+        # first local block): each tile once, its forced keys by the mask
+        init_hi = tl.minimum(S_INIT * LP, hi)
+        for k0 in range(0, init_hi, BLOCK_K):
+            m_i, l_i, acc = forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_i, l_i,
+                                        acc, qk_scale, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t,
+                                        sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, TMA, LP, S_INIT,
+                                        S_LOCAL)
+        local_lo = tl.maximum((t0 // LP - S_LOCAL + 1) * LP, 0) // BLOCK_K * BLOCK_K
+        local_lo = tl.maximum(local_lo, (init_hi + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
+        for k0 in range(local_lo, hi, BLOCK_K):
+            m_i, l_i, acc = forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_i, l_i,
+                                        acc, qk_scale, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t,
+                                        sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, TMA, LP, S_INIT,
+                                        S_LOCAL)
+        lse_free = tl.load(SLC_LSE + row, mask=ok, other=float("-inf"))
+        o_free = load_rows(SLC_OB, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
+        m_i, l_i, acc = merge_partial(m_i, l_i, acc, lse_free, o_free.to(tl.float32))
+        o, lse = finish_softmax(m_i, l_i, acc)
+        tl.store(SLC_LSE + row, lse, mask=ok)
+        gated_store(O, SLC_OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h,
+                    sg_t, sg_c, slc_gate_fixed, DV, DV_PAD, HAS_GATES, SLC_SLOT, True, SAVE)
+
+
+@triton.jit
+def forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_i, l_i, acc, qk_scale, sk_b,
+                sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, BLOCK_K: tl.constexpr,
+                DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                TMA: tl.constexpr, LP: tl.constexpr, S_INIT: tl.constexpr,
+                S_LOCAL: tl.constexpr):
+    """One key tile [k0, k0 + BLOCK_K) of the selected branch's forced blocks."""
+    k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d, sv_b,
+                           sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(forced_keys(k0 + tl.arange(0, BLOCK_K), tok, LP, S_INIT, S_LOCAL), s,
+                 float("-inf"))
+    return online_softmax_step(s, m_i, l_i, acc, v)
 
 
 @jit_kernel
@@ -366,6 +418,27 @@ def merge_slot(blocks, ok, rel, n_pos, s_i, N_PAD: tl.constexpr):
     return live, (tl.program_id(1).to(tl.int64) * n_pos + rel) * N_PAD + s_i
 
 
+@triton.jit
+def merge_partial(m_i, l_i, acc, lse2, o):
+    """Online softmax over partial results: the running (max, sum, output) state absorbs a
+    softmax over other keys given as its normalised output o and log2-sum-exp lse2 (-inf:
+    no keys)."""
+    m_new = tl.maximum(m_i, lse2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    w = tl.exp2(lse2 - m_safe)
+    return m_new, l_i * alpha + w, acc * alpha[:, None] + o * w[:, None]
+
+
+@triton.jit
+def forced_keys(pos, tok, LP: tl.constexpr, S_INIT: tl.constexpr, S_LOCAL: tl.constexpr):
+    """Keys pos (a row vector) of each row's forced selection blocks, that the row sees: the
+    first S_INIT blocks and the S_LOCAL ending at the row's own (tok // LP)."""
+    local_lo = (tok // LP - S_LOCAL + 1) * LP
+    return (pos[None, :] <= tok[:, None]) & (
+        (pos[None, :] < S_INIT * LP) | (pos[None, :] >= local_lo[:, None]))
+
+
 @jit_kernel
 def nsa_slc_fwd_combine_kernel(
         IDX, PART_O, PART_LSE, GATES, O, OB, LSE,
@@ -374,26 +447,36 @@ def nsa_slc_fwd_combine_kernel(
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         N: tl.constexpr, N_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         HAS_GATES: tl.constexpr, SLOT: tl.constexpr, ACCUMULATE: tl.constexpr,
-        SAVE: tl.constexpr):
+        SAVE: tl.constexpr, FOLD: tl.constexpr, LP: tl.constexpr, S_INIT: tl.constexpr,
+        S_LOCAL: tl.constexpr):
     """Selected-branch output of positions [t_lo, t_lo + n_pos) for one (batch, KV head, tile):
     merges the n per-block softmaxes of `nsa_slc_fwd_blocks_kernel` (slots in order, each
-    weighted by exp(its lse − the total lse)), then stores the lse and the gated output."""
+    weighted by exp(its lse − the total lse)), then stores the lse and the gated output.
+    FOLD: the forced blocks are the window kernel's (they have no partial results): merges
+    the other slots and leaves their ungated output in OB and their log2-sum-exp in LSE for
+    `nsa_win_fwd_kernel` to finish."""
     b, tok, hq, gh, ok, blocks = merge_tile(IDX, T, t_lo, n_pos, H, G, G_PAD, BLOCK_T, N_PAD)
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+    slots = tl.arange(0, N_PAD)
     for s_i in range(N):
         live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
+        if FOLD:
+            j = tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1)
+            live = live & (j >= S_INIT) & (j <= tok // LP - S_LOCAL)
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
         o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
-        m_new = tl.maximum(m_i, lse_j)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        w = tl.exp2(lse_j - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + o_j * w[:, None]
-        m_i = m_new
-    o, lse = finish_softmax(m_i, l_i, acc)
-    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+        m_i, l_i, acc = merge_partial(m_i, l_i, acc, lse_j, o_j)
+    if FOLD:
+        seen = l_i > 0
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        m = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse2, mask=ok)
+        store_rows(OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD, False)
+    else:
+        o, lse = finish_softmax(m_i, l_i, acc)
+        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
+                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)

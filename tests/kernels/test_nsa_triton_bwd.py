@@ -153,6 +153,22 @@ def test_invert_selection_lists_each_blocks_queries_in_order():
     assert torch.equal(shifted.queries, queries + 5) and torch.equal(shifted.pairs, pairs)
 
 
+def test_invert_selection_can_leave_out_the_forced_blocks():
+    """With skip_forced = (l', initial, local) each position's forced blocks are not listed
+    (the forward's window kernel attends to them)."""
+    from nsa_compile.kernels.nsa.inverted import invert_selection
+    # l' = 2, 1 initial, 1 local: position t's forced blocks are 0 and t // 2
+    idx = torch.tensor([[[[0, -1, -1], [0, -1, -1], [0, 1, -1], [0, 1, -1], [0, 2, 1],
+                          [0, 2, 1]]]], dtype=torch.int32)
+    inv = invert_selection(idx, 3, skip_forced=(2, 1, 1))
+    lists = [inv.queries[inv.starts[g]:inv.starts[g + 1]].tolist() for g in range(3)]
+    assert lists == [[], [4, 5], []]
+    # positions [2, 6): t // 2 from the absolute position
+    late = invert_selection(idx[:, :, 2:], 3, t0=2, skip_forced=(2, 1, 1))
+    assert [late.queries[late.starts[g]:late.starts[g + 1]].tolist()
+            for g in range(3)] == [[], [4, 5], []]
+
+
 @pytest.mark.parametrize("name", ["all-learned-T37-G2", "fixed-dk-ne-dv-B2-G1-T63",
                                   "all-learned-G3-T50-n3-fp16", "selected-only-G8-T70"])
 def test_triton_backward_selected_dq_fused_into_dkdv(name):

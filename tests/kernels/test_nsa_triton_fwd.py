@@ -29,6 +29,9 @@ CASES = {
     # long enough for compressed-key tiles every query of a tile sees (the unmasked loop)
     "compressed-only-T300-G1": (1, 2, 2, 300, 16, 16, NSAConfig(
         **SMALL_NSA, branches=("compressed",), gate=(1.0,)), torch.float32),
+    # 13 selection blocks, 6 chosen: blocks beyond the forced ones at most positions
+    "all-learned-T200-n6": (1, 4, 2, 200, 16, 16, NSAConfig(**{**SMALL_NSA, "select_count": 6}),
+                            torch.float32),
     "window-only-T63": (1, 8, 2, 63, 32, 16, NSAConfig(
         **SMALL_NSA, branches=("window",), gate=(0.7,)), torch.float16),
 }
@@ -148,7 +151,8 @@ BLOCKS = {**SMALL, "slc": ref.SMALL_BLOCKS["slc"]}
 
 
 @pytest.mark.parametrize("name", ["all-learned-T37-G2", "all-T15-fp16", "dk-ne-dv-B2-G1-T63",
-                                  "fixed-G3-T50-n3", "selected-window-unbounded-T40"])
+                                  "fixed-G3-T50-n3", "selected-window-unbounded-T40",
+                                  "all-learned-T200-n6"])
 def test_triton_forward_selected_block_by_block(name):
     B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
     out = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS)
@@ -163,3 +167,22 @@ def test_triton_forward_selected_block_by_block_in_position_chunks(monkeypatch):
     out = _run(1, 4, 2, 50, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, configs=BLOCKS)
     assert chunks == [0, 16, 32, 48]
     _check(*out, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["all-learned-T37-G2", "all-T15-fp16", "fixed-G3-T50-n3",
+                                  "selected-window-unbounded-T40", "all-learned-T200-n6"])
+def test_triton_forward_window_kernel_finishes_the_selected_branch(name):
+    """Block by block beside a window branch, the forced blocks are the window kernel's: the
+    selected branch's saved output and lse (what the backward reads) are still the whole
+    branch's."""
+    from nsa_compile.kernels.nsa.triton_fwd import folds, nsa_forward
+    B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
+    q, k, v, gates, kc, vc, p, _ = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS)
+    assert folds(p, BLOCKS["slc"]) and not folds(p, SMALL["slc"])
+    res = nsa_forward(q, k, v, gates, kc, vc, p, BLOCKS, save=True)
+    n = min(p.select_count, -(-T // p.select_block))
+    o_ref, lse_ref = ref.selected_output(q, k, v, res.block_idx[..., :n], p, with_lse=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    o_slc = res.branch_out[p.gate_slot("selected")].double()
+    assert ((o_slc - o_ref).norm() / o_ref.norm()).item() < tol
+    torch.testing.assert_close(res.lse_slc.double(), lse_ref, rtol=tol, atol=tol)

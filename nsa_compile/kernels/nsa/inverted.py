@@ -8,7 +8,7 @@ chunk of query positions at a time (`position_chunk`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -55,19 +55,29 @@ def position_chunk(T: int, bytes_per_position: int) -> int:
     return T if fit >= T else max(step, fit // step * step)
 
 
-def invert_selection(block_idx: Tensor, n_blocks: int, t0: int = 0) -> Inverted:
+def invert_selection(block_idx: Tensor, n_blocks: int, t0: int = 0,
+                     skip_forced: Optional[Tuple[int, int, int]] = None) -> Inverted:
     """The queries that chose each block: block_idx (B, H, C, N_PAD) — the selection of
     positions [t0, t0 + C), -1 = none — to an `Inverted` (queries int32 absolute positions,
-    starts int64 (B·H·n_blocks + 1,), pairs int64).
+    starts int64 (B·H·n_blocks + 1,), pairs int64). skip_forced = (l', initial, local) leaves
+    out each position's forced blocks (the first `initial`, and the `local` ones ending at its
+    own block), which the window kernel attends to instead (`triton_fwd.folds`).
 
-    One sort of (group, position) keys — deterministic, no host sync."""
+    One sort of (group, position) keys — int32 where they fit (half the radix passes of
+    int64) — deterministic, no host sync."""
     B, H, C, n_pad = block_idx.shape
     dev = block_idx.device
     groups = B * H * n_blocks
-    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
-    t = torch.arange(C, device=dev).view(1, 1, C, 1)
-    key = (bh * n_blocks + block_idx.long()) * C + t
-    key = torch.where(block_idx >= 0, key, groups * C).flatten()
-    key, pairs = torch.sort(key)  # keys are unique but for the -1s, which sort last
-    starts = torch.searchsorted(key, torch.arange(groups + 1, device=dev) * C)
+    kt = torch.int32 if (groups + 1) * C < 2**31 else torch.int64
+    bh = torch.arange(B * H, device=dev, dtype=kt).view(B, H, 1, 1)
+    t = torch.arange(C, device=dev, dtype=kt).view(1, 1, C, 1)
+    key = (bh * n_blocks + block_idx.to(kt)) * C + t
+    listed = block_idx >= 0
+    if skip_forced is not None:
+        lp, initial, local = skip_forced
+        own = (t + t0) // lp
+        listed = listed & (block_idx >= initial) & (block_idx <= own - local)
+    key = torch.where(listed, key, groups * C).flatten()
+    key, pairs = torch.sort(key)  # keys are unique but for the unlisted, which sort last
+    starts = torch.searchsorted(key, torch.arange(groups + 1, device=dev, dtype=kt) * C)
     return Inverted((key % C + t0).to(torch.int32), starts, pairs)

@@ -20,8 +20,8 @@ from .inverted import invert_selection, list_chunk, position_chunk
 from .params import NSAParams, num_selection_blocks, supported
 
 # Rows per program of the kernels that merge per-(query, slot) partial results (untuned:
-# memory-bound and short).
-MERGE_ROWS = 64
+# memory-bound and short), and the forward's warps (H100: 2 ~10% faster than 4).
+MERGE_ROWS, COMBINE_WARPS = 64, 2
 
 
 class ForwardResult(NamedTuple):
@@ -99,6 +99,8 @@ class _Launch:
     params: NSAParams
     o: Tensor
     branch_out: Optional[Tensor] = None
+    # set by run_slc: whether the window kernel finishes the selected branch (`folds`)
+    fold: bool = False
 
     def __post_init__(self):
         (self.B, self.H, self.T, self.G, self.fixed, self.common,
@@ -114,6 +116,17 @@ class _Launch:
         if self.branch_out is None or not present:
             return self.o, False
         return self.branch_out[self.params.gate_slot(branch)], True
+
+    def slc_partial(self) -> Tensor:
+        """Where a folded selected branch leaves its non-forced blocks' ungated output for the
+        window kernel (which overwrites it with the branch's output): the saved slot, else a
+        buffer of o's shape and strides."""
+        ob, save = self.saved("selected")
+        if save:
+            return ob
+        if getattr(self, "_slc_partial", None) is None:
+            self._slc_partial = torch.empty_like(self.o)
+        return self._slc_partial
 
     def tile(self, cfg: KernelConfig):
         """(G_PAD, BLOCK_T): the padded group and the positions per program of cfg.block_m rows."""
@@ -162,11 +175,24 @@ def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
     return idx
 
 
+def folds(params: NSAParams, cfg: KernelConfig) -> bool:
+    """Whether the window kernel attends to the selected branch's forced blocks (the first
+    `select_initial`, the `select_local` ending at each query's block) in place of the
+    selected kernels: with the block-by-block order, where every chosen block costs a partial
+    result per query written and merged again, while the window kernel has those key tiles
+    at hand (the local ones inside its window) and runs them as dense tiles."""
+    return (params.has_slc and params.has_win and bool(cfg.block_n)
+            and params.select_initial + params.select_local > 0)
+
+
 def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     """Selected branch: adds its gated output to a.o; returns its lse. cfg.block_n picks the
     loop order: 0 — a program per position walks its n blocks (G_PAD >= 16 rows per MMA);
     1 — a program per block walks the queries that chose it, block_m rows per MMA, and a merge
-    pass combines each position's n partial softmaxes (fewer K/V reads at small groups)."""
+    pass combines each position's n partial softmaxes (fewer K/V reads at small groups).
+    When that `folds`, the forced blocks are left to the window kernel: the branch's output
+    and lse are then partial (`nsa_slc_fwd_combine_kernel`) until `run_win` finishes them."""
+    a.fold = folds(a.params, cfg)
     if cfg.block_n:
         return _run_slc_blocks(a, cfg, idx)
     p = a.params
@@ -189,6 +215,9 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     slot = p.gate_slot("selected")
     lse = a.lse()
     ob, save = a.saved("selected")
+    if a.fold:
+        ob = a.slc_partial()
+    skip = (p.select_block, p.select_initial, p.select_local) if a.fold else None
     g_pad, block_t = a.tile(cfg)
     DV = a.common["DV"]
     # the partial outputs in the input dtype (like the output they make up; halves the
@@ -200,7 +229,7 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     for t_lo in range(0, a.T, chunk):
         n_pos = min(chunk, a.T - t_lo)
         n_blocks = num_selection_blocks(t_lo + n_pos, p.select_block)
-        inv = invert_selection(idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo)
+        inv = invert_selection(idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo, skip)
         entries = a.B * a.H * n_pos * min(p.select_count, n_blocks)
         per_program = list_chunk(entries, block_t, a.q.device)
         nsa_slc_fwd_blocks_kernel[(triton.cdiv(n_pos, per_program), a.B * a.H, n_blocks)](
@@ -211,21 +240,29 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
         nsa_slc_fwd_combine_kernel[(triton.cdiv(n_pos, merge_t), a.B * a.H)](
             idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.gate_strides, *a.o.stride(), a.T,
             t_lo, n_pos, a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count,
-            N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, **a.common_merge())
+            N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, FOLD=a.fold,
+            LP=p.select_block, S_INIT=p.select_initial, S_LOCAL=p.select_local,
+            num_warps=COMBINE_WARPS, **a.common_merge())
     return lse
 
 
-def run_win(a: _Launch, cfg: KernelConfig) -> Tensor:
+def run_win(a: _Launch, cfg: KernelConfig, lse_slc: Optional[Tensor] = None) -> Tensor:
+    """Window branch: adds its gated output to a.o; returns its lse. When the selected branch
+    folds (a.fold), also finishes it: lse_slc, its partial lse, becomes its lse."""
     p = a.params
     slot = p.gate_slot("window")
     g_pad, block_t = a.tile(cfg)
     lse = a.lse()
     ob, save = a.saved("window")
+    slc_ob, slc_lse = (a.slc_partial(), lse_slc) if a.fold else (ob, lse)
+    slc_slot = p.gate_slot("selected") if a.fold else 0
     k_tiles, v_tiles, tma = tile_pair(a.k, a.v, cfg.block_n)
     nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
-        a.q, a.k, a.v, k_tiles, v_tiles, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
-        a.fixed[slot], G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, WINDOW=p.window,
-        SLOT=slot, ACCUMULATE=p.has_cmp or p.has_slc, SAVE=save, TMA=tma,
+        a.q, a.k, a.v, k_tiles, v_tiles, a.gates, a.o, ob, lse, slc_ob, slc_lse, *a.strides,
+        a.T, p.scale, a.fixed[slot], a.fixed[slc_slot], G_PAD=g_pad, BLOCK_T=block_t,
+        BLOCK_K=cfg.block_n, WINDOW=p.window, SLOT=slot,
+        ACCUMULATE=p.has_cmp or (p.has_slc and not a.fold), SAVE=save, TMA=tma, FOLD=a.fold,
+        LP=p.select_block, S_INIT=p.select_initial, S_LOCAL=p.select_local, SLC_SLOT=slc_slot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
     return lse
 
@@ -248,7 +285,7 @@ def nsa_forward(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         idx = run_sel(a, configs["sel"], lse_cmp)
         lse_slc = run_slc(a, configs["slc"], idx)
     if params.has_win:
-        lse_win = run_win(a, configs["win"])
+        lse_win = run_win(a, configs["win"], lse_slc)
     return ForwardResult(o, lse_cmp if params.has_cmp else None, lse_slc, lse_win, idx,
                          branch_out)
 
@@ -312,8 +349,16 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         return lambda c: (lambda args: bench(lambda: run(launch(), c, *args)))(
             [make() for make in inputs])
 
+    def slc_lse() -> Optional[Tensor]:
+        """The selected branch's lse with its chosen config — partial where it folds into the
+        window kernel, which then reads it (and its partial output)."""
+        if "slc_lse" not in made:
+            made["slc_lse"] = run_slc(launch(), chosen["slc"], idx()) if params.has_slc else None
+        launch().fold = params.has_slc and folds(params, chosen["slc"])
+        return made["slc_lse"]
+
     runners = {"cmp": timer(run_cmp), "sel": timer(run_sel, lse), "slc": timer(run_slc, idx),
-               "win": timer(run_win)}
+               "win": timer(run_win, slc_lse)}
     for kind, key in shape_keys(q, k, v, params).items():
         chosen[kind] = autotune.pick(
             name, kind, key, lambda: candidates(kind, _pow2(HQ // H), DK, DV, elem),
