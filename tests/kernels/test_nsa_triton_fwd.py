@@ -37,7 +37,7 @@ CASES = {
 }
 
 
-def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False, configs=SMALL):
+def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False, configs=SMALL, save=False):
     from nsa_compile.kernels.nsa.triton_fwd import nsa_forward
     if transposed:  # (B, T, H, D) storage seen through SDPA's layout: non-contiguous strides
         q = torch.randn(B, T, HQ, DK, dtype=dtype).transpose(1, 2)
@@ -51,7 +51,7 @@ def _run(B, HQ, H, T, DK, DV, cfg, dtype, transposed=False, configs=SMALL):
     p = NSAParams.from_config(cfg, DK ** -0.5)
     kc = naive.mean_pool(k, cfg.compress_block, cfg.compress_stride) if p.needs_cmp else None
     vc = naive.mean_pool(v, cfg.compress_block, cfg.compress_stride) if p.has_cmp else None
-    res = nsa_forward(q, k, v, gates, kc, vc, p, configs)
+    res = nsa_forward(q, k, v, gates, kc, vc, p, configs, save=save)
     return q, k, v, gates, kc, vc, p, res
 
 
@@ -175,11 +175,11 @@ def test_triton_forward_window_kernel_finishes_the_selected_branch(name):
     """Block by block beside a window branch, the forced blocks are the window kernel's: the
     selected branch's saved output and lse (what the backward reads) are still the whole
     branch's."""
-    from nsa_compile.kernels.nsa.triton_fwd import folds, nsa_forward
+    from nsa_compile.kernels.nsa.triton_fwd import folds
     B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
-    q, k, v, gates, kc, vc, p, _ = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS)
+    q, k, v, gates, kc, vc, p, res = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS,
+                                          save=True)
     assert folds(p, BLOCKS["slc"]) and not folds(p, SMALL["slc"])
-    res = nsa_forward(q, k, v, gates, kc, vc, p, BLOCKS, save=True)
     n = min(p.select_count, -(-T // p.select_block))
     o_ref, lse_ref = ref.selected_output(q, k, v, res.block_idx[..., :n], p, with_lse=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
