@@ -1,9 +1,9 @@
 """Triton templates of the NSA forward: compressed branch, top-n block selection, selected
 branch (per position, or block by block with a merge pass), sliding window. Launch order:
 compressed (writes O and the lse), selection (reads the lse), selected (adds to O), window
-(adds to O), so the gated sum is formed in place without a separate combine pass. Block by
-block, the window kernel also attends to the selected branch's forced blocks and finishes
-that branch (`nsa_win_fwd_kernel` FOLD)."""
+(adds to O), so the gated sum is formed in place without a separate combine pass. With a
+window branch, the window kernel also attends to the selected branch's forced blocks and
+finishes that branch (`nsa_win_fwd_kernel` FOLD)."""
 import triton
 import triton.language as tl
 
@@ -192,9 +192,14 @@ def nsa_slc_fwd_kernel(
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         LP: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
-        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
+        SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
+        FOLD: tl.constexpr, S_INIT: tl.constexpr, S_LOCAL: tl.constexpr):
     """Selected-block attention for one (batch, KV head, query position): the G query heads of
-    the group share the position's n blocks; G_PAD >= 16 rows feed the MMA."""
+    the group share the position's n blocks; G_PAD >= 16 rows feed the MMA.
+
+    FOLD: the forced blocks are the window kernel's (`nsa_win_fwd_kernel` FOLD): the loop
+    starts after them (selection ranks them first), and the other blocks' ungated output and
+    log2-sum-exp go to OB and LSE for the window kernel to finish."""
     t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -209,7 +214,10 @@ def nsa_slc_fwd_kernel(
     # has no branch and Triton can pipeline the K/V loads.
     slots = tl.arange(0, N_PAD)
     blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
-    for s_i in range(N):
+    first = 0
+    if FOLD:
+        first = num_forced(t, LP, S_INIT, S_LOCAL)
+    for s_i in range(first, N):
         j = tl.sum(tl.where(slots == s_i, blocks, 0))
         pos = j * LP + tl.arange(0, LP)
         live = (pos <= t) & (j >= 0)
@@ -219,10 +227,36 @@ def nsa_slc_fwd_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(live[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
-    o, lse = finish_softmax(m_i, l_i, acc)
-    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-    gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
-                gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+    if FOLD:
+        store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, H, G,
+                      DV, DV_PAD)
+    else:
+        o, lse = finish_softmax(m_i, l_i, acc)
+        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
+        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
+                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+
+
+@triton.jit
+def num_forced(t, LP: tl.constexpr, S_INIT: tl.constexpr, S_LOCAL: tl.constexpr):
+    """How many forced blocks position t has started (the first S_INIT and the S_LOCAL ending
+    at its own block, counted once where they overlap): the selection's first slots."""
+    own = t // LP
+    init = tl.minimum(S_INIT, own + 1)
+    return init + own + 1 - tl.maximum(own - S_LOCAL + 1, init)
+
+
+@triton.jit
+def store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d,
+                  H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr):
+    """A folded selected branch's non-forced blocks, for `nsa_win_fwd_kernel` to finish: their
+    ungated output to OB and their log2-sum-exp (-inf: none) to LSE."""
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    m = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse2, mask=ok)
+    store_rows(OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD, False)
 
 
 @triton.jit
@@ -254,9 +288,9 @@ def nsa_win_fwd_kernel(
     row of the tile (no mask), masked (the diagonal).
 
     FOLD: also the selected branch's forced blocks (the first S_INIT, the S_LOCAL ending at
-    each row's own block — tiles every query tile has at hand, which the block-by-block
-    selected kernel then leaves out): their softmax is merged with the other blocks' (SLC_OB
-    ungated output and SLC_LSE log2-sum-exp, from `nsa_slc_fwd_combine_kernel`), and the
+    each row's own block — tiles every query tile has at hand, which the selected kernels then
+    leave out): their softmax is merged with the other blocks' (SLC_OB ungated output and
+    SLC_LSE log2-sum-exp, from `store_partial`), and the
     selected branch's lse, gated output (added to O) and with SAVE its ungated output (over
     SLC_OB) are stored here."""
     t0 = tl.program_id(0) * BLOCK_T
@@ -459,22 +493,16 @@ def nsa_slc_fwd_combine_kernel(
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
-    slots = tl.arange(0, N_PAD)
     for s_i in range(N):
         live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
         if FOLD:
-            j = tl.sum(tl.where(slots[None, :] == s_i, blocks, 0), 1)
-            live = live & (j >= S_INIT) & (j <= tok // LP - S_LOCAL)
+            live = live & (s_i >= num_forced(tok, LP, S_INIT, S_LOCAL))
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
         o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
         m_i, l_i, acc = merge_partial(m_i, l_i, acc, lse_j, o_j)
     if FOLD:
-        seen = l_i > 0
-        o = acc / tl.where(seen, l_i, 1.0)[:, None]
-        m = tl.where(m_i == float("-inf"), 0.0, m_i)
-        lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse2, mask=ok)
-        store_rows(OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD, False)
+        store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, H, G,
+                      DV, DV_PAD)
     else:
         o, lse = finish_softmax(m_i, l_i, acc)
         tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)

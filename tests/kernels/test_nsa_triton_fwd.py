@@ -32,6 +32,10 @@ CASES = {
     # 13 selection blocks, 6 chosen: blocks beyond the forced ones at most positions
     "all-learned-T200-n6": (1, 4, 2, 200, 16, 16, NSAConfig(**{**SMALL_NSA, "select_count": 6}),
                             torch.float32),
+    # no initial block: the forced ones are the local ones alone
+    "local-only-T150-n5": (1, 4, 2, 150, 16, 16, NSAConfig(
+        **{**SMALL_NSA, "select_count": 5, "select_initial": 0, "select_local": 3}),
+        torch.float32),
     "window-only-T63": (1, 8, 2, 63, 32, 16, NSAConfig(
         **SMALL_NSA, branches=("window",), gate=(0.7,)), torch.float16),
 }
@@ -169,17 +173,19 @@ def test_triton_forward_selected_block_by_block_in_position_chunks(monkeypatch):
     _check(*out, tol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["per-position", "block-by-block"])
 @pytest.mark.parametrize("name", ["all-learned-T37-G2", "all-T15-fp16", "fixed-G3-T50-n3",
-                                  "selected-window-unbounded-T40", "all-learned-T200-n6"])
-def test_triton_forward_window_kernel_finishes_the_selected_branch(name):
-    """Block by block beside a window branch, the forced blocks are the window kernel's: the
-    selected branch's saved output and lse (what the backward reads) are still the whole
-    branch's."""
+                                  "selected-window-unbounded-T40", "all-learned-T200-n6",
+                                  "local-only-T150-n5"])
+def test_triton_forward_window_kernel_finishes_the_selected_branch(name, order):
+    """Beside a window branch, the forced blocks are the window kernel's: the selected
+    branch's saved output and lse (what the backward reads) are still the whole branch's."""
     from nsa_compile.kernels.nsa.triton_fwd import folds
     B, HQ, H, T, DK, DV, cfg, dtype = CASES[name]
-    q, k, v, gates, kc, vc, p, res = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=BLOCKS,
+    configs = BLOCKS if order == "block-by-block" else SMALL
+    q, k, v, gates, kc, vc, p, res = _run(B, HQ, H, T, DK, DV, cfg, dtype, configs=configs,
                                           save=True)
-    assert folds(p, BLOCKS["slc"]) and not folds(p, SMALL["slc"])
+    assert folds(p)
     n = min(p.select_count, -(-T // p.select_block))
     o_ref, lse_ref = ref.selected_output(q, k, v, res.block_idx[..., :n], p, with_lse=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-3

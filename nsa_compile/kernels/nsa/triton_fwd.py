@@ -99,12 +99,12 @@ class _Launch:
     params: NSAParams
     o: Tensor
     branch_out: Optional[Tensor] = None
-    # set by run_slc: whether the window kernel finishes the selected branch (`folds`)
-    fold: bool = False
 
     def __post_init__(self):
         (self.B, self.H, self.T, self.G, self.fixed, self.common,
          self.gate_strides) = launch_geometry(self.q, self.k, self.v, self.gates, self.params)
+        # whether the window kernel finishes the selected branch
+        self.fold = folds(self.params)
         self.strides = (*self.q.stride(), *self.k.stride(), *self.v.stride(),
                         *self.gate_strides, *self.o.stride())
         self.n_pad = _pow2(self.params.select_count)
@@ -175,14 +175,14 @@ def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
     return idx
 
 
-def folds(params: NSAParams, cfg: KernelConfig) -> bool:
+def folds(params: NSAParams) -> bool:
     """Whether the window kernel attends to the selected branch's forced blocks (the first
     `select_initial`, the `select_local` ending at each query's block) in place of the
-    selected kernels: with the block-by-block order, where every chosen block costs a partial
-    result per query written and merged again, while the window kernel has those key tiles
-    at hand (the local ones inside its window) and runs them as dense tiles."""
-    return (params.has_slc and params.has_win and bool(cfg.block_n)
-            and params.select_initial + params.select_local > 0)
+    selected kernels: it has those key tiles at hand (the local ones inside its window, the
+    same for every query of its tile) and runs them as dense tiles, where the selected
+    kernels would gather them per position (per position: 3 of 16 blocks' K/V reads) or write
+    and merge a partial result per query (block by block)."""
+    return params.has_slc and params.has_win and params.select_initial + params.select_local > 0
 
 
 def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
@@ -191,20 +191,22 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     1 — a program per block walks the queries that chose it, block_m rows per MMA, and a merge
     pass combines each position's n partial softmaxes (fewer K/V reads at small groups).
     When that `folds`, the forced blocks are left to the window kernel: the branch's output
-    and lse are then partial (`nsa_slc_fwd_combine_kernel`) until `run_win` finishes them."""
-    a.fold = folds(a.params, cfg)
+    and lse are then partial (`store_partial`) until `run_win` finishes them."""
     if cfg.block_n:
         return _run_slc_blocks(a, cfg, idx)
     p = a.params
     slot = p.gate_slot("selected")
     lse = a.lse()
     ob, save = a.saved("selected")
+    if a.fold:
+        ob = a.slc_partial()
     k_tiles, v_tiles, tma = tile_pair(a.k, a.v, p.select_block)
     nsa_slc_fwd_kernel[(a.T, a.B * a.H)](
         a.q, a.k, a.v, k_tiles, v_tiles, idx, a.gates, a.o, ob, lse, *a.strides, a.T, p.scale,
         a.fixed[slot], G_PAD=_pow2(a.G, 16), BLOCK_T=1, LP=p.select_block, N=p.select_count,
-        N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a.common)
+        N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, TMA=tma, FOLD=a.fold,
+        S_INIT=p.select_initial, S_LOCAL=p.select_local, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **a.common)
     return lse
 
 
@@ -354,7 +356,6 @@ def tuned_configs(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         window kernel, which then reads it (and its partial output)."""
         if "slc_lse" not in made:
             made["slc_lse"] = run_slc(launch(), chosen["slc"], idx()) if params.has_slc else None
-        launch().fold = params.has_slc and folds(params, chosen["slc"])
         return made["slc_lse"]
 
     runners = {"cmp": timer(run_cmp), "sel": timer(run_sel, lse), "slc": timer(run_slc, idx),
