@@ -260,15 +260,21 @@ def store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, s
 
 
 @triton.jit
+def window_mask(s, pos, tok, WINDOW: tl.constexpr):
+    """Scores s (rows, keys pos) with the keys outside each row's (tok - WINDOW, tok] hidden."""
+    vis = pos[None, :] <= tok[:, None]
+    if WINDOW > 0:
+        vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
 def win_step(q, k, v, pos, tok, m_i, l_i, acc, qk_scale, WINDOW: tl.constexpr,
              MASKED: tl.constexpr):
     """One key tile of the window branch; MASKED hides keys outside (tok - WINDOW, tok]."""
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
-        vis = pos[None, :] <= tok[:, None]
-        if WINDOW > 0:
-            vis = vis & (pos[None, :] > tok[:, None] - WINDOW)
-        s = tl.where(vis, s, float("-inf"))
+        s = window_mask(s, pos, tok, WINDOW)
     return online_softmax_step(s, m_i, l_i, acc, v)
 
 
@@ -289,10 +295,11 @@ def nsa_win_fwd_kernel(
 
     FOLD: also the selected branch's forced blocks (the first S_INIT, the S_LOCAL ending at
     each row's own block — tiles every query tile has at hand, which the selected kernels then
-    leave out): their softmax is merged with the other blocks' (SLC_OB ungated output and
-    SLC_LSE log2-sum-exp, from `store_partial`), and the
-    selected branch's lse, gated output (added to O) and with SAVE its ungated output (over
-    SLC_OB) are stored here."""
+    leave out): the initial blocks' tiles in a run of their own, the local ones' (the last
+    tiles of the window, or past its start) in a run where one QK feeds both softmaxes; their
+    softmax is merged with the other blocks' (SLC_OB ungated output and SLC_LSE log2-sum-exp,
+    from `store_partial`), and the selected branch's lse, gated output (added to O) and with
+    SAVE its ungated output (over SLC_OB) are stored here."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -312,49 +319,59 @@ def nsa_win_fwd_kernel(
         full_lo = tl.maximum(lo, (t0 + BLOCK_T - WINDOW + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
     full_hi = tl.maximum(lo, (t0 + 1) // BLOCK_K * BLOCK_K)  # tiles ending at or before t0
     full_lo = tl.minimum(full_lo, full_hi)
-    for k0 in range(lo, full_lo, BLOCK_K):
+    # FOLD: the tiles from `split` on hold the rows' local forced blocks; there one QK feeds
+    # both softmaxes (the window's and the forced blocks', state *_f)
+    split = hi
+    if FOLD:
+        m_f = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+        l_f = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+        acc_f = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
+        # the initial blocks' tiles first (the local ones' start after them)
+        init_hi = tl.minimum(S_INIT * LP, hi)
+        for k0 in range(0, init_hi, BLOCK_K):
+            m_f, l_f, acc_f = forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_f, l_f,
+                                          acc_f, qk_scale, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h,
+                                          sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, TMA, LP,
+                                          S_INIT, S_LOCAL)
+        split = tl.maximum((t0 // LP - S_LOCAL + 1) * LP, 0) // BLOCK_K * BLOCK_K
+        split = tl.minimum(tl.maximum(split, (init_hi + BLOCK_K - 1) // BLOCK_K * BLOCK_K), hi)
+    for k0 in range(lo, tl.minimum(full_lo, split), BLOCK_K):
         k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
                                sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
         m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
                                  qk_scale, WINDOW, True)
-    for k0 in range(full_lo, full_hi, BLOCK_K):
+    for k0 in range(full_lo, tl.minimum(full_hi, split), BLOCK_K):
         k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
                                sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
         m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
                                  qk_scale, WINDOW, False)
-    for k0 in range(full_hi, hi, BLOCK_K):
+    for k0 in range(full_hi, split, BLOCK_K):
         k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
                                sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True, TMA)
         m_i, l_i, acc = win_step(q, k, v, k0 + tl.arange(0, BLOCK_K), tok, m_i, l_i, acc,
                                  qk_scale, WINDOW, True)
+    if FOLD:
+        # (below `lo` only the forced softmax sees keys: the window's rows stay empty there)
+        for k0 in range(split, hi, BLOCK_K):
+            k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, T, sk_b, sk_h, sk_t, sk_d,
+                                   sv_b, sv_h, sv_t, sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, True,
+                                   TMA)
+            pos = k0 + tl.arange(0, BLOCK_K)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            m_i, l_i, acc = online_softmax_step(window_mask(s, pos, tok, WINDOW), m_i, l_i,
+                                                acc, v)
+            s = tl.where(forced_keys(pos, tok, LP, S_INIT, S_LOCAL), s, float("-inf"))
+            m_f, l_f, acc_f = online_softmax_step(s, m_f, l_f, acc_f, v)
     o, lse = finish_softmax(m_i, l_i, acc)
     row = (b * H * G + hq).to(tl.int64) * T + tok
     tl.store(LSE + row, lse, mask=ok)
     gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t, sg_c,
                 gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
     if FOLD:
-        m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
-        acc = tl.zeros([BLOCK_T * G_PAD, DV_PAD], tl.float32)
-        # the initial blocks' tiles, then the local blocks' (from the tile's first row's
-        # first local block): each tile once, its forced keys by the mask
-        init_hi = tl.minimum(S_INIT * LP, hi)
-        for k0 in range(0, init_hi, BLOCK_K):
-            m_i, l_i, acc = forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_i, l_i,
-                                        acc, qk_scale, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t,
-                                        sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, TMA, LP, S_INIT,
-                                        S_LOCAL)
-        local_lo = tl.maximum((t0 // LP - S_LOCAL + 1) * LP, 0) // BLOCK_K * BLOCK_K
-        local_lo = tl.maximum(local_lo, (init_hi + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
-        for k0 in range(local_lo, hi, BLOCK_K):
-            m_i, l_i, acc = forced_step(q, K, V, K_TILES, V_TILES, b, h, k0, tok, T, m_i, l_i,
-                                        acc, qk_scale, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t,
-                                        sv_d, BLOCK_K, DK, DK_PAD, DV, DV_PAD, TMA, LP, S_INIT,
-                                        S_LOCAL)
         lse_free = tl.load(SLC_LSE + row, mask=ok, other=float("-inf"))
         o_free = load_rows(SLC_OB, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-        m_i, l_i, acc = merge_partial(m_i, l_i, acc, lse_free, o_free.to(tl.float32))
-        o, lse = finish_softmax(m_i, l_i, acc)
+        m_f, l_f, acc_f = merge_partial(m_f, l_f, acc_f, lse_free, o_free.to(tl.float32))
+        o, lse = finish_softmax(m_f, l_f, acc_f)
         tl.store(SLC_LSE + row, lse, mask=ok)
         gated_store(O, SLC_OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h,
                     sg_t, sg_c, slc_gate_fixed, DV, DV_PAD, HAS_GATES, SLC_SLOT, True, SAVE)
