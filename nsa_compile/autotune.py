@@ -215,28 +215,34 @@ def shipped_cache(device_name: str) -> TuneCache:
 def merge_into_shipped(paths: Iterable[Path]) -> Path:
     """Adds the entries of tuned cache files (fetched from a GPU run with NSA_COMPILE_CACHE_DIR
     set) to their GPU's shipped file in `templates/tuned/` — the developer's step after
-    re-tuning a changed kernel. The files must have tuned this checkout's kernel sources and
-    agree on device, torch and Triton; shipped entries from other versions, or of kinds whose
-    sources changed, are dropped. Returns the shipped file's path."""
+    re-tuning a changed kernel. The files must agree on device, torch and Triton; their entries
+    of kinds whose kernel sources have changed since (a later commit re-tuned those) are
+    dropped with a warning, and a file left with none is refused. Shipped entries from other
+    versions, or of kinds whose sources changed, are dropped. Returns the shipped file's path."""
     loaded = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
     if not loaded:
         raise ValueError("merge_into_shipped: no cache files given")
-    head = loaded[0][1]["header"]
-    sources = source_hashes()
+    head = {**loaded[0][1]["header"], "source_hash": source_hashes()}
+    new: Dict[str, Dict] = {}
     for path, data in loaded:  # the others' format is checked against the first's below
-        if data["header"].get("source_hash") != sources or head.get("format") != FORMAT_VERSION:
+        current = current_entries(data["header"], data["entries"])
+        if not current or head.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: tuned other kernel sources (or cache format) than this "
                              "checkout's; re-tune with this checkout")
         if any(data["header"].get(k) != head.get(k) for k in VERSIONS):
             raise ValueError(f"{path}: device/torch/Triton differ from {loaded[0][0]}")
+        stale = sorted({kind_of(key) for key in data["entries"]} - {kind_of(key) for key in current})
+        if stale:
+            log.warning("%s: dropping the entries of %s (tuned other kernel sources)", path,
+                        ", ".join(stale))
+        new.update(current)
     ship = _shipped_path(head["device"])
     entries = {}
     if ship.exists():
         old = json.loads(ship.read_text())
         if all(old["header"].get(k) == head[k] for k in VERSIONS):
             entries = current_entries(old["header"], old["entries"])
-    for _, data in loaded:
-        entries.update(data["entries"])
+    entries.update(new)
     _write_json(ship, {"header": head,
                        "entries": dict(sorted(entries.items()))})
     _shipped.pop(head["device"], None)

@@ -172,7 +172,8 @@ def test_shipped_caches_are_current_format_and_in_their_spaces():
 
 def test_merge_into_shipped_adds_current_entries_and_refuses_other_sources(cache_dir):
     """Entries tuned on a GPU box (whose torch may differ from this machine's) join the shipped
-    file; shipped entries of other versions are dropped, files of other sources refused."""
+    file; shipped entries of other versions and a run's entries of changed kernels are
+    dropped, a run with nothing current refused."""
     tuned, kept = KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 1)
     gpu_head = {**autotune.header(DEVICE), "torch": "2.11.0+cu130"}
     new_key = autotune.shape_key("win", torch.bfloat16, 128, 128, 4, NSA, 65536)
@@ -189,7 +190,14 @@ def test_merge_into_shipped_adds_current_entries_and_refuses_other_sources(cache
     data = json.loads(path.read_text())
     assert data["header"] == gpu_head
     assert data["entries"] == {new_key: tuned.to_dict(), old_key: kept.to_dict()}
+    # a run whose win kernel changed since: its cmp entry joins, its win entry does not
     other = {**gpu_head, "source_hash": {**gpu_head["source_hash"], "win": "0" * 16}}
+    retuned = KernelConfig(128, 128, 8, 3)
+    run.write_text(json.dumps({"header": other, "entries": {new_key: kept.to_dict(),
+                                                            old_key: retuned.to_dict()}}))
+    data = json.loads(autotune.merge_into_shipped([run]).read_text())
+    assert data["header"] == gpu_head
+    assert data["entries"] == {new_key: tuned.to_dict(), old_key: retuned.to_dict()}
     run.write_text(json.dumps({"header": other, "entries": {new_key: tuned.to_dict()}}))
     with pytest.raises(ValueError, match="other kernel sources"):
         autotune.merge_into_shipped([run])
