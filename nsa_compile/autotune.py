@@ -231,7 +231,8 @@ def merge_into_shipped(paths: Iterable[Path]) -> Path:
                              "checkout's; re-tune with this checkout")
         if any(data["header"].get(k) != head.get(k) for k in VERSIONS):
             raise ValueError(f"{path}: device/torch/Triton differ from {loaded[0][0]}")
-        stale = sorted({kind_of(key) for key in data["entries"]} - {kind_of(key) for key in current})
+        stale = sorted({kind_of(key) for key in data["entries"]}
+                       - {kind_of(key) for key in current})
         if stale:
             log.warning("%s: dropping the entries of %s (tuned other kernel sources)", path,
                         ", ".join(stale))
