@@ -227,14 +227,9 @@ def nsa_slc_fwd_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(live[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
-    if FOLD:
-        store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, H, G,
-                      DV, DV_PAD)
-    else:
-        o, lse = finish_softmax(m_i, l_i, acc)
-        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
-                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+    store_selected(m_i, l_i, acc, O, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, GATES,
+                   sg_b, sg_h, sg_t, sg_c, gate_fixed, H, G, DV, DV_PAD, HAS_GATES, SLOT,
+                   ACCUMULATE, SAVE, FOLD)
 
 
 @triton.jit
@@ -247,16 +242,28 @@ def num_forced(t, LP: tl.constexpr, S_INIT: tl.constexpr, S_LOCAL: tl.constexpr)
 
 
 @triton.jit
-def store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d,
-                  H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr):
-    """A folded selected branch's non-forced blocks, for `nsa_win_fwd_kernel` to finish: their
-    ungated output to OB and their log2-sum-exp (-inf: none) to LSE."""
-    seen = l_i > 0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    m = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse2, mask=ok)
-    store_rows(OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD, False)
+def store_selected(m_i, l_i, acc, O, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, GATES,
+                   sg_b, sg_h, sg_t, sg_c, gate_fixed, H: tl.constexpr, G: tl.constexpr,
+                   DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
+                   SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr,
+                   FOLD: tl.constexpr):
+    """The selected branch's softmax state of the rows, stored: its lse to LSE and the gated
+    output into O (with SAVE the ungated one to OB) — or, FOLD, the non-forced blocks' part
+    for `nsa_win_fwd_kernel` to finish: the ungated output to OB and the log2-sum-exp (-inf:
+    none) to LSE."""
+    lse_at = LSE + (b * H * G + hq).to(tl.int64) * T + tok
+    if FOLD:
+        seen = l_i > 0
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        m = tl.where(m_i == float("-inf"), 0.0, m_i)
+        tl.store(lse_at, tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+                 mask=ok)
+        store_rows(OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD, False)
+    else:
+        o, lse = finish_softmax(m_i, l_i, acc)
+        tl.store(lse_at, lse, mask=ok)
+        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
+                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
 
 
 @triton.jit
@@ -298,7 +305,7 @@ def nsa_win_fwd_kernel(
     leave out): the initial blocks' tiles in a run of their own, the local ones' (the last
     tiles of the window, or past its start) in a run where one QK feeds both softmaxes; their
     softmax is merged with the other blocks' (SLC_OB ungated output and SLC_LSE log2-sum-exp,
-    from `store_partial`), and the selected branch's lse, gated output (added to O) and with
+    from `store_selected`), and the selected branch's lse, gated output (added to O) and with
     SAVE its ungated output (over SLC_OB) are stored here."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
@@ -517,11 +524,6 @@ def nsa_slc_fwd_combine_kernel(
         lse_j = tl.load(PART_LSE + pair * G + gh, mask=live, other=float("-inf"))
         o_j = load_rows(PART_O, b, gh, pair, live, 0, DV, G * DV, 1, DV, DV_PAD).to(tl.float32)
         m_i, l_i, acc = merge_partial(m_i, l_i, acc, lse_j, o_j)
-    if FOLD:
-        store_partial(m_i, l_i, acc, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, H, G,
-                      DV, DV_PAD)
-    else:
-        o, lse = finish_softmax(m_i, l_i, acc)
-        tl.store(LSE + (b * H * G + hq).to(tl.int64) * T + tok, lse, mask=ok)
-        gated_store(O, OB, o, b, hq, tok, ok, so_b, so_h, so_t, so_d, GATES, sg_b, sg_h, sg_t,
-                    sg_c, gate_fixed, DV, DV_PAD, HAS_GATES, SLOT, ACCUMULATE, SAVE)
+    store_selected(m_i, l_i, acc, O, OB, LSE, b, hq, tok, ok, T, so_b, so_h, so_t, so_d, GATES,
+                   sg_b, sg_h, sg_t, sg_c, gate_fixed, H, G, DV, DV_PAD, HAS_GATES, SLOT,
+                   ACCUMULATE, SAVE, FOLD)

@@ -191,7 +191,7 @@ def run_slc(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
     1 — a program per block walks the queries that chose it, block_m rows per MMA, and a merge
     pass combines each position's n partial softmaxes (fewer K/V reads at small groups).
     When that `folds`, the forced blocks are left to the window kernel: the branch's output
-    and lse are then partial (`store_partial`) until `run_win` finishes them."""
+    and lse are then partial (`store_selected`) until `run_win` finishes them."""
     if cfg.block_n:
         return _run_slc_blocks(a, cfg, idx)
     p = a.params
