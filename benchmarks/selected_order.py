@@ -54,11 +54,10 @@ def main():
             a = triton_fwd._Launch(q, k, v, gates, kc, vc, p, torch.empty_like(q))
             fwd = {name: best(lambda c: triton_fwd.run_slc(a, c, res.block_idx), cfgs)
                    for name, cfgs in FWD.items()}
-            lse = res.branch_lse()
-            delta = triton_bwd.branch_deltas(do, res.branch_out)
+            stats = triton_bwd.row_stats(do, res.branch_out, res.branch_lse(), gates, p, H)
 
             def selected_bwd(c, dkdv=DEFAULTS["slc_dkdv"]):
-                run = triton_bwd._Backward(do, q, k, v, gates, kc, vc, p, lse, delta,
+                run = triton_bwd._Backward(do, q, k, v, kc, vc, p, stats,
                                            {**DEFAULTS, "slc_dq": c, "slc_dkdv": dkdv})
                 run.selected(res.block_idx)
 
@@ -70,7 +69,7 @@ def main():
             rows.append((HQ, H, T, fwd, bwd))
             line = " ".join(f"{n}={t:.2f}ms{c}" for n, (t, c) in {**fwd, **bwd}.items())
             print(f"HQ/H={HQ}/{H} T={T}: {line}", flush=True)
-            del q, k, v, do, gates, kc, vc, res, a, lse, delta
+            del q, k, v, do, gates, kc, vc, res, a, stats
             torch.cuda.empty_cache()
     print("\n| HQ/H | G | T | fwd per position | fwd block by block | bwd own dQ kernel "
           "| bwd dQ fused |")

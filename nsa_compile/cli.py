@@ -331,9 +331,8 @@ def _tune_backward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs):
     res = triton_fwd.nsa_forward(q, k, v, gates, k_cmp, v_cmp, params, forward_configs,
                                  save=True)
     do = torch.randn_like(res.o)
-    delta = triton_bwd.branch_deltas(do, res.branch_out)
-    return triton_bwd.tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, res.branch_lse(),
-                                    delta, res.block_idx)
+    stats = triton_bwd.row_stats(do, res.branch_out, res.branch_lse(), gates, params, k.shape[1])
+    return triton_bwd.tuned_configs(do, q, k, v, k_cmp, v_cmp, params, stats, res.block_idx)
 
 
 def build_parser() -> argparse.ArgumentParser:

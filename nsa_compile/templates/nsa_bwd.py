@@ -24,29 +24,53 @@ from .nsa_fwd import merge_slot, merge_tile
 
 
 @jit_kernel
-def nsa_bwd_delta_kernel(DO, OB, DELTA, n_rows, n_branch_stride,
-                         NB: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """DELTA[c, r] = Σ_d DO[r, d] · OB[c, r, d] in fp32, for rows r of the contiguous
-    (B·HQ·T, Dv) output gradient and each branch c of OB (NB, B·HQ·T, Dv)."""
+def nsa_bwd_rows_kernel(DO, OB, LSE, GATES, DELTA, ROWS, n_rows, T,
+                        sg_b, sg_h, sg_t, sg_c, fixed0, fixed1, fixed2,
+                        NB: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
+                        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK: tl.constexpr):
+    """For rows r = (b·HQ + hq)·T + t of the contiguous (B·HQ·T, Dv) output gradient and
+    each branch c of OB (NB, B·HQ·T, Dv) and LSE (NB, B·HQ·T): DELTA[c, r] = Σ_d DO[r, d] ·
+    OB[c, r, d] in fp32 (D_c, the gate's gradient), and the row's (lse in log2 units, D_c,
+    gate weight) in ROWS[c] (3, B, H, T, G) fp32 for `_row_stats`: there a KV head's rows are
+    position-major, so the rows of a tile of positions are one contiguous run instead of one
+    scattered load per query head and quantity (fixed_c: branch c's weight without GATES)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = r < n_rows
     d = tl.arange(0, DV_PAD)
-    mask = (r < n_rows)[:, None] & (d < DV)[None, :]
+    mask = live[:, None] & (d < DV)[None, :]
     off = r[:, None] * DV + d[None, :]
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    bhq = r // T  # b·HQ + hq = (b·H + h)·G + gh
+    tok = r % T
+    dest = ((bhq // G) * T + tok) * G + bhq % G
+    b = bhq // (H * G)
+    hq = bhq % (H * G)
     for c in tl.static_range(NB):
-        o = tl.load(OB + c * n_branch_stride + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DELTA + c * n_rows + r, tl.sum(do * o, 1), mask=r < n_rows)
+        o = tl.load(OB + (r + c * n_rows)[:, None] * DV + d[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        delta = tl.sum(do * o, 1)
+        tl.store(DELTA + c * n_rows + r, delta, mask=live)
+        fixed = fixed0
+        if c == 1:
+            fixed = fixed1
+        if c == 2:
+            fixed = fixed2
+        g = load_gate(GATES, b, hq, tok, live, sg_b, sg_h, sg_t, sg_c, fixed, HAS_GATES, c)
+        lse2 = tl.load(LSE + c * n_rows + r, mask=live, other=0.0) * LOG2E
+        out = ROWS + c * 3 * n_rows + dest
+        tl.store(out, lse2, mask=live)
+        tl.store(out + n_rows, delta, mask=live)
+        tl.store(out + 2 * n_rows, g, mask=live)
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, HQ, sg_b, sg_h, sg_t, sg_c, gate_fixed,
-               HAS_GATES: tl.constexpr, SLOT: tl.constexpr):
-    """Per row: the branch's lse in log2 units (+inf on dead rows, so P = 0), D_c and the gate."""
-    row = (b * HQ + hq).to(tl.int64) * T + tok
-    lse2 = tl.load(LSE + row, mask=ok, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + row, mask=ok, other=0.0)
-    g = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+def _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H: tl.constexpr, G: tl.constexpr):
+    """Per row of KV head h: the branch's lse in log2 units (+inf on dead rows, so P = 0), D_c
+    and the gate, from ROWS (3, B, H, T, G) (`nsa_bwd_rows_kernel`)."""
+    row = ((b * H + h).to(tl.int64) * T + tok) * G + (hq - h * G)
+    lse2 = tl.load(ROWS + row, mask=ok, other=float("inf"))
+    delta = tl.load(ROWS + (row + n_rows), mask=ok, other=0.0)
+    g = tl.load(ROWS + (row + n_rows + n_rows), mask=ok, other=0.0)
     return lse2, delta, g
 
 
@@ -59,16 +83,28 @@ def _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale):
     return p, p * (dp - delta[:, None])
 
 
+@triton.jit
+def _probs_and_dscores_by_key(k, v, q, do, visible, lse2, delta, g, qk_scale):
+    """(g·P, dS) of one tile transposed, (keys × rows), for the dK/dV kernels: visible is
+    (keys × rows) too. With the keys as the MMAs' rows, Pᵀ and dSᵀ come out of the MMAs as
+    the left operands of dV += Pᵀ·dO and dK += dSᵀ·Q, instead of being transposed through
+    shared memory every step."""
+    s = tl.dot(k, tl.trans(q)) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0) * g[None, :]
+    dp = tl.dot(v, tl.trans(do))
+    return p, p * (dp - delta[None, :])
+
+
 @jit_kernel
 def nsa_dense_bwd_dq_kernel(
-        Q, K, V, K_TILES, V_TILES, DO, LSE, DELTA, GATES, DQ,
+        Q, K, V, K_TILES, V_TILES, DO, ROWS, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
-        T, n_keys, scale, gate_fixed,
+        so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
+        T, n_keys, n_rows, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        DV_PAD: tl.constexpr,
         ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dQ of the compressed or window branch for one (batch, KV head, query tile); DQ fp32.
     K_TILES/V_TILES: the key tiles' sources for `load_tile`."""
@@ -79,8 +115,7 @@ def nsa_dense_bwd_dq_kernel(
     tok, hq, ok = gqa_rows(t0, h, T, G, G_PAD, BLOCK_T)
     q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-    lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h, sg_t,
-                                sg_c, gate_fixed, HAS_GATES, SLOT)
+    lse2, delta, g = _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H, G)
     qk_scale = scale * LOG2E
     last = tl.minimum(t0 + BLOCK_T, T) - 1
     hi = tl.minimum((last - KEY_LAST + KEY_STRIDE) // KEY_STRIDE, n_keys)  # keys c < hi
@@ -106,15 +141,15 @@ def nsa_dense_bwd_dq_kernel(
 
 @jit_kernel
 def nsa_dense_bwd_dkdv_kernel(
-        Q, K, V, DO, Q_TILES, DO_TILES, LSE, DELTA, GATES, DK_OUT, DV_OUT,
+        Q, K, V, DO, Q_TILES, DO_TILES, ROWS, DK_OUT, DV_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-        T, n_keys, q_chunk, split_stride, scale, gate_fixed,
+        T, n_keys, n_rows, q_chunk, split_stride, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        DV_PAD: tl.constexpr,
         ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of the compressed or window branch for one (batch, KV head, key tile, query
     chunk): walks the query tiles of chunk program_id(2) (queries [s·q_chunk, (s+1)·q_chunk),
@@ -151,14 +186,13 @@ def nsa_dense_bwd_dkdv_kernel(
         else:
             q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
             do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-        lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h,
-                                    sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
-        visible = (pos[None, :] <= tok[:, None]) & live[None, :]
+        lse2, delta, g = _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H, G)
+        visible = (pos[:, None] <= tok[None, :]) & live[:, None]
         if WINDOW > 0:
-            visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
-        p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            visible = visible & (pos[:, None] > tok[None, :] - WINDOW)
+        p_t, ds_t = _probs_and_dscores_by_key(k, v, q, do, visible, lse2, delta, g, qk_scale)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dk += tl.dot(ds_t.to(q.dtype), q)
     store_rows(DK_OUT + split, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                DK_PAD, ACCUMULATE)
     store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
@@ -167,13 +201,13 @@ def nsa_dense_bwd_dkdv_kernel(
 
 @jit_kernel
 def nsa_slc_bwd_dq_kernel(
-        Q, K, V, K_TILES, V_TILES, DO, IDX, LSE, DELTA, GATES, DQ,
+        Q, K, V, K_TILES, V_TILES, DO, IDX, ROWS, DQ,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
-        T, scale, gate_fixed,
+        so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
+        T, n_rows, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, LP: tl.constexpr,
         N: tl.constexpr, N_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
-        DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        DV: tl.constexpr, DV_PAD: tl.constexpr,
         ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dQ of the selected branch for one (batch, KV head, query position): the forward's loop
     over the position's n blocks (IDX (B, H, T, N_PAD), -1 = none)."""
@@ -184,8 +218,7 @@ def nsa_slc_bwd_dq_kernel(
     tok, hq, ok = gqa_rows(t, h, T, G, G_PAD, 1)
     q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
     do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-    lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b, sg_h, sg_t,
-                                sg_c, gate_fixed, HAS_GATES, SLOT)
+    lse2, delta, g = _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H, G)
     qk_scale = scale * LOG2E
     slots = tl.arange(0, N_PAD)
     blocks = tl.load(IDX + ((b * H + h).to(tl.int64) * T + t) * N_PAD + slots)
@@ -205,15 +238,15 @@ def nsa_slc_bwd_dq_kernel(
 
 @jit_kernel
 def nsa_slc_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, GATES, QUERIES, STARTS, PAIRS, SLOTS, DK_OUT, DV_OUT, DK_PART,
+        Q, K, V, DO, ROWS, QUERIES, STARTS, PAIRS, SLOTS, DK_OUT, DV_OUT, DK_PART,
         DV_PART, DQ_PART,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-        sg_b, sg_h, sg_t, sg_c, so_b, so_h, so_t, so_d,
+        so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-        T, n_blocks, q_chunk, scale, gate_fixed,
+        T, n_blocks, n_rows, q_chunk, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, SLOT: tl.constexpr,
+        DV_PAD: tl.constexpr,
         ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr):
     """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), and
     with FUSE_DQ each (query, slot) pair's share of dQ, dS·K of this block, at row PAIRS[e] of
@@ -257,8 +290,7 @@ def nsa_slc_bwd_dkdv_kernel(
             hq = h * G + gh
             q = load_rows(Q, b, hq, tok, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
             do = load_rows(DO, b, hq, tok, ok, so_b, so_h, so_t, so_d, DV, DV_PAD)
-            lse2, delta, g = _row_stats(LSE, DELTA, GATES, b, hq, tok, ok, T, H * G, sg_b,
-                                        sg_h, sg_t, sg_c, gate_fixed, HAS_GATES, SLOT)
+            lse2, delta, g = _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H, G)
             visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
             p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)

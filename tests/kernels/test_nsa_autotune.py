@@ -107,8 +107,8 @@ def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
 
     base = hashes()
     kernel = hashes(("nsa_bwd.py", "def nsa_slc_bwd_dkdv_kernel(", "# edited\n"))
-    helper = hashes(("nsa_bwd.py", "def _probs_and_dscores(", "# edited\n"))
-    unused = hashes(("nsa_bwd.py", "@triton.jit\ndef _row_stats(",
+    helper = hashes(("nsa_bwd.py", "def _row_stats(", "# edited\n"))
+    unused = hashes(("nsa_bwd.py", "@triton.jit\ndef _probs_and_dscores(",
                      "@triton.jit\ndef _unused(x):\n    return x\n\n\n"))
     # slc_dq may fuse dQ into the dK/dV kernel, so it follows that kernel too
     assert {k for k in base if kernel[k] != base[k]} == {"slc_dkdv", "slc_dq"}

@@ -7,13 +7,13 @@ compressed dQ, dK_cmp/dV_cmp → selected dQ, dK/dV → window dQ, dK/dV.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
-from ...templates.nsa_bwd import (nsa_bwd_delta_kernel, nsa_dense_bwd_dkdv_kernel,
+from ...templates.nsa_bwd import (nsa_bwd_rows_kernel, nsa_dense_bwd_dkdv_kernel,
                                   nsa_dense_bwd_dq_kernel, nsa_slc_bwd_dkdv_kernel,
                                   nsa_slc_bwd_dq_kernel, nsa_slc_bwd_dq_merge_kernel,
                                   nsa_slc_bwd_reduce_kernel)
@@ -45,12 +45,13 @@ def partial_slots(starts: Tensor, chunk: int) -> Tensor:
 class _Backward:
     """Everything the backward kernels share for one call, one method per kernel."""
 
-    def __init__(self, do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, lse: Tensor,
-                 delta: Tensor, configs: Dict[str, KernelConfig]):
-        self.q, self.k, self.v, self.do, self.gates, self.params = q, k, v, do, gates, params
-        self.lse, self.delta, self.configs = lse, delta, configs
-        (self.B, self.H, self.T, self.G, self.fixed, self.common,
-         self.gate_strides) = launch_geometry(q, k, v, gates, params)
+    def __init__(self, do, q, k, v, k_cmp, v_cmp, params: NSAParams, stats: "RowStats",
+                 configs: Dict[str, KernelConfig]):
+        self.q, self.k, self.v, self.do, self.params = q, k, v, do, params
+        self.stats, self.configs = stats, configs
+        self.B, self.H, self.T, self.G, _, self.common, _ = launch_geometry(q, k, v, None, params)
+        del self.common["HAS_GATES"]  # the gates reach the kernels in stats.rows
+        self.n_rows = stats.delta[0].numel()
         # Gradients keep their input's strides (the op's fake promises empty_like).
         self.dq = torch.empty_like(q, dtype=torch.float32)
         self.dk = torch.empty_like(k, dtype=torch.float32)
@@ -68,10 +69,9 @@ class _Backward:
     def _kind(name: str, kernel: str) -> str:
         return {"compressed": "cmp", "window": "win"}[name] + "_" + kernel
 
-    def _branch(self, name: str):
-        """(lse, delta, slot, fixed weight) of a branch."""
-        slot = self.params.gate_slot(name)
-        return self.lse[slot], self.delta[slot], slot, self.fixed[slot]
+    def _branch(self, name: str) -> Tensor:
+        """A branch's per-row statistics for `_row_stats`: (3, B, H, T, G)."""
+        return self.stats.rows[self.params.gate_slot(name)]
 
     def _rows(self, kind: str):
         """(config, G_PAD, BLOCK_T) for a kernel whose tiles are block_m query rows."""
@@ -80,22 +80,20 @@ class _Backward:
         return cfg, g_pad, max(1, cfg.block_m // g_pad)
 
     def _strides(self, keys: Tensor, values: Tensor):
-        return (*self.q.stride(), *keys.stride(), *values.stride(), *self.gate_strides,
-                *self.do.stride())
+        return (*self.q.stride(), *keys.stride(), *values.stride(), *self.do.stride())
 
     def dense_dq(self, name: str) -> None:
         """dQ of the compressed or window branch."""
         keys, values, key_stride, key_last, window, _, _ = self.dense_keys[name]
-        lse, delta, slot, fixed = self._branch(name)
+        rows = self._branch(name)
         cfg, g_pad, block_t = self._rows(self._kind(name, "dq"))
         k_tiles, v_tiles, tma = tile_pair(keys, values, cfg.block_n)
         nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
-            self.q, keys, values, k_tiles, v_tiles, self.do, lse, delta, self.gates, self.dq,
+            self.q, keys, values, k_tiles, v_tiles, self.do, rows, self.dq,
             *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
-            self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
-            KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, SLOT=slot,
-            ACCUMULATE=self.wrote_dq, TMA=tma, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **self.common)
+            self.n_rows, self.params.scale, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
+            KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, ACCUMULATE=self.wrote_dq,
+            TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
     def dense_dkdv(self, name: str) -> None:
@@ -107,7 +105,7 @@ class _Backward:
         keys, values, key_stride, key_last, window, dk, dv = self.dense_keys[name]
         n_keys = keys.shape[2]
         if n_keys:
-            lse, delta, slot, fixed = self._branch(name)
+            rows = self._branch(name)
             cfg, g_pad, block_t = self._rows(self._kind(name, "dkdv"))
             programs = triton.cdiv(n_keys, cfg.block_n) * self.B * self.H
             splits = query_splits(self.T, programs, self.q.device) if name == "compressed" else 1
@@ -119,13 +117,12 @@ class _Backward:
             q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
             nsa_dense_bwd_dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), self.B * self.H,
                                        splits)](
-                self.q, keys, values, self.do, q_tiles, do_tiles, lse, delta, self.gates, out_k,
-                out_v,
+                self.q, keys, values, self.do, q_tiles, do_tiles, rows, out_k, out_v,
                 *self._strides(keys, values), *out_k[0].stride() if splits > 1 else dk.stride(),
-                *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, q_chunk,
-                dk.numel(), self.params.scale, fixed, G_PAD=g_pad, BLOCK_T=block_t,
+                *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, self.n_rows,
+                q_chunk, dk.numel(), self.params.scale, G_PAD=g_pad, BLOCK_T=block_t,
                 BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window,
-                SLOT=slot, ACCUMULATE=name == "window" and self.wrote_dkv, TMA=tma,
+                ACCUMULATE=name == "window" and self.wrote_dkv, TMA=tma,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
             if splits > 1:
                 dk.copy_(out_k.sum(0))
@@ -133,15 +130,15 @@ class _Backward:
         self.wrote_dkv |= name == "window"
 
     def selected_dq(self, block_idx: Tensor) -> None:
-        lse, delta, slot, fixed = self._branch("selected")
         p, cfg = self.params, self.configs["slc_dq"]
         k_tiles, v_tiles, tma = tile_pair(self.k, self.v, p.select_block)
         nsa_slc_bwd_dq_kernel[(self.T, self.B * self.H)](
-            self.q, self.k, self.v, k_tiles, v_tiles, self.do, block_idx, lse, delta,
-            self.gates, self.dq, *self._strides(self.k, self.v), *self.dq.stride(), self.T,
-            p.scale, fixed, G_PAD=_pow2(self.G, 16), LP=p.select_block, N=p.select_count,
-            N_PAD=block_idx.shape[-1], SLOT=slot, ACCUMULATE=self.wrote_dq, TMA=tma,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
+            self.q, self.k, self.v, k_tiles, v_tiles, self.do, block_idx,
+            self._branch("selected"), self.dq, *self._strides(self.k, self.v),
+            *self.dq.stride(), self.T, self.n_rows, p.scale, G_PAD=_pow2(self.G, 16),
+            LP=p.select_block, N=p.select_count, N_PAD=block_idx.shape[-1],
+            ACCUMULATE=self.wrote_dq, TMA=tma, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
     def selected(self, block_idx: Tensor) -> None:
@@ -182,7 +179,6 @@ class _Backward:
         inverted selection of n_pos positions: lists in chunks of `list_chunk` entries, the
         chunks after a list's first summed into dK/dV in order by the reduce kernel
         (deterministic, no host sync)."""
-        lse, delta, slot, fixed = self._branch("selected")
         p = self.params
         cfg, g_pad, block_t = self._rows("slc_dkdv")
         entries = self.B * self.H * n_pos * min(p.select_count, n_blocks)
@@ -193,11 +189,11 @@ class _Backward:
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
         nsa_slc_bwd_dkdv_kernel[(triton.cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
-            self.q, self.k, self.v, self.do, lse, delta, self.gates, inv.queries, inv.starts,
+            self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
             self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
-            *out_strides, self.T, n_blocks, chunk, p.scale, fixed, G_PAD=g_pad,
-            BLOCK_T=block_t, LP=p.select_block, SLOT=slot, ACCUMULATE=self.wrote_dkv,
+            *out_strides, self.T, n_blocks, self.n_rows, chunk, p.scale, G_PAD=g_pad,
+            BLOCK_T=block_t, LP=p.select_block, ACCUMULATE=self.wrote_dkv,
             FUSE_DQ=dq_part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **self.common)
         nsa_slc_bwd_reduce_kernel[(self.B * self.H, n_blocks)](
@@ -207,37 +203,53 @@ class _Backward:
         self.wrote_dkv = True
 
 
-def branch_deltas(do: Tensor, branch_out: Tensor) -> Tensor:
-    """D_c = rowsum(dO ∘ o_c) in fp32: (n_branches, B, HQ, T). do: (B, HQ, T, Dv) contiguous,
-    branch_out: (n_branches, B, HQ, T, Dv) contiguous."""
+class RowStats(NamedTuple):
+    """What every backward kernel reads per query row, from `row_stats`.
+
+    delta: (n_branches, B, HQ, T) fp32, D_c = rowsum(dO ∘ o_c) (also the gates' gradient);
+    rows: (n_branches, 3, B, H, T, G) fp32, per row of branch c: its lse in log2 units, D_c
+    and its gate weight, each KV head's rows position-major (`nsa_bwd_rows_kernel`)."""
+
+    delta: Tensor
+    rows: Tensor
+
+
+def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tensor],
+              params: NSAParams, kv_heads: int) -> RowStats:
+    """do: (B, HQ, T, Dv) contiguous; branch_out: (n_branches, B, HQ, T, Dv) and lse:
+    (n_branches, B, HQ, T) contiguous, as the forward saved them."""
     nb = branch_out.shape[0]
-    n_rows = do.numel() // do.shape[-1]
-    DV = do.shape[-1]
-    delta = torch.empty(nb, *do.shape[:3], device=do.device, dtype=torch.float32)
+    B, HQ, T, DV = do.shape
+    n_rows = B * HQ * T
+    delta = do.new_empty(nb, B, HQ, T, dtype=torch.float32)
+    rows = do.new_empty(nb, 3, B, kv_heads, T, HQ // kv_heads, dtype=torch.float32)
+    fixed = list(params.fixed_gates) or [1.0] * nb
     block = 64
-    nsa_bwd_delta_kernel[(triton.cdiv(n_rows, block),)](
-        do, branch_out, delta, n_rows, n_rows * DV, NB=nb, DV=DV, DV_PAD=_pow2(DV, 16),
-        BLOCK=block)
-    return delta
+    nsa_bwd_rows_kernel[(triton.cdiv(n_rows, block),)](
+        do, branch_out, lse, gates, delta, rows, n_rows, T,
+        *(gates.stride() if gates is not None else (0, 0, 0, 0)), *(fixed + [0.0] * (3 - nb)),
+        NB=nb, H=kv_heads, G=HQ // kv_heads, DV=DV, DV_PAD=_pow2(DV, 16),
+        HAS_GATES=gates is not None, BLOCK=block)
+    return RowStats(delta, rows)
 
 
 def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                  k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
                  branch_out: Tensor, lse: Tensor, block_idx: Optional[Tensor],
                  configs: Optional[Dict[str, KernelConfig]] = None,
-                 delta: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
+                 stats: Optional[RowStats] = None) -> Tuple[Optional[Tensor], ...]:
     """Gradients (dq, dk, dv, dgates, dk_cmp, dv_cmp) like `naive.nsa_attention_backward_ref`.
 
     do: (B, HQ, T, Dv); branch_out: (n_branches, B, HQ, T, Dv) and lse: (n_branches, B, HQ, T)
     per present branch from the forward; block_idx: (B, H, T, N_PAD) when the selected branch
     runs. configs maps the backward kinds ("cmp_dq", …) to block sizes (missing ones:
-    DEFAULTS); delta: `branch_deltas` when already computed."""
+    DEFAULTS); stats: `row_stats` when already computed."""
     configs = {**DEFAULTS, **(configs or {})}
     p = params
     do = do.contiguous()
-    if delta is None:
-        delta = branch_deltas(do, branch_out.contiguous())
-    run = _Backward(do, q, k, v, gates, k_cmp, v_cmp, p, lse, delta, configs)
+    if stats is None:
+        stats = row_stats(do, branch_out.contiguous(), lse.contiguous(), gates, p, k.shape[1])
+    run = _Backward(do, q, k, v, k_cmp, v_cmp, p, stats, configs)
     if p.has_cmp:
         run.dense_dq("compressed")
         run.dense_dkdv("compressed")
@@ -249,13 +261,14 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
     if not run.wrote_dkv:
         run.dk.zero_()
         run.dv.zero_()
-    dgates = None if gates is None else torch.empty_like(gates).copy_(delta.permute(1, 2, 3, 0))
+    dgates = None if gates is None else torch.empty_like(gates).copy_(
+        stats.delta.permute(1, 2, 3, 0))
     return (run.dq.to(q.dtype), run.dk.to(k.dtype), run.dv.to(v.dtype), dgates, run.dk_cmp,
             run.dv_cmp)
 
-def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
-                  k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
-                  lse: Tensor, delta: Tensor,
+
+def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Optional[Tensor],
+                  v_cmp: Optional[Tensor], params: NSAParams, stats: RowStats,
                   block_idx: Optional[Tensor]) -> Dict[str, KernelConfig]:
     """Block sizes per backward kernel from the autotune cache, tuning missing entries (each
     kernel timed alone on these inputs) when allowed."""
@@ -272,20 +285,26 @@ def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[T
         "slc_dkdv": lambda run: run.selected(block_idx),
     }
     chosen: Dict[str, KernelConfig] = {}
+    elem, HQ, H = q.element_size(), q.shape[1], k.shape[1]
+    space = lambda kind: candidates(kind, _pow2(HQ // H), q.shape[-1], v.shape[-1], elem)
+
+    def time_config(kind: str, cfg: KernelConfig, others: Dict[str, KernelConfig]) -> float:
+        run = _Backward(do, q, k, v, k_cmp, v_cmp, params, stats,
+                        {**DEFAULTS, **chosen, **others, kind: cfg})
+        return do_bench(lambda: steps[kind](run), warmup=5, rep=20, return_mode="median")
 
     def bench(kind: str):
-        def time_config(cfg: KernelConfig) -> float:
-            run = _Backward(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta,
-                            {**DEFAULTS, **chosen, kind: cfg})
-            return do_bench(lambda: steps[kind](run), warmup=5, rep=20, return_mode="median")
-        return time_config
+        if kind != "slc_dkdv":
+            return lambda cfg: time_config(kind, cfg, {})
+        # Each dK/dV candidate is timed with the selected dQ made both ways (its own kernel,
+        # fused into dK/dV) and keeps the faster: fused, the kernel does more per step and
+        # wants other block sizes. slc_dq, tuned after it, then picks the way.
+        ways = [DEFAULTS["slc_dq"], next(c for c in space("slc_dq") if c.block_n)]
+        return lambda cfg: min(time_config(kind, cfg, {"slc_dq": dq}) for dq in ways)
 
-    elem, HQ, H = q.element_size(), q.shape[1], k.shape[1]
-    for kind, key in shape_keys(q, k, v, params, backward=True).items():
-        chosen[kind] = autotune.pick(
-            name, kind, key,
-            lambda: candidates(kind, _pow2(HQ // H), q.shape[-1], v.shape[-1], elem),
-            bench(kind))
+    keys = shape_keys(q, k, v, params, backward=True)
+    for kind in sorted(keys, key=lambda kind: kind == "slc_dq"):  # slc_dq after slc_dkdv
+        chosen[kind] = autotune.pick(name, kind, keys[kind], lambda: space(kind), bench(kind))
     return chosen
 
 
@@ -294,7 +313,7 @@ def nsa_bwd_cuda(do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, branch_out
     """CUDA kernel of nsa_compile::nsa_bwd when the forward saved its residuals: block sizes
     from the autotune cache."""
     do = do.contiguous()
-    delta = branch_deltas(do, branch_out.contiguous())
-    configs = tuned_configs(do, q, k, v, gates, k_cmp, v_cmp, params, lse, delta, block_idx)
+    stats = row_stats(do, branch_out.contiguous(), lse.contiguous(), gates, params, k.shape[1])
+    configs = tuned_configs(do, q, k, v, k_cmp, v_cmp, params, stats, block_idx)
     return nsa_backward(do, q, k, v, gates, k_cmp, v_cmp, params, branch_out, lse, block_idx,
-                        configs, delta=delta)
+                        configs, stats=stats)
