@@ -1,7 +1,7 @@
 """The flat, schema-friendly form of an NSAConfig that the op and its kernels take."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from ...config import BRANCHES, NSAConfig
 
@@ -37,6 +37,12 @@ class NSAParams(NamedTuple):
     @property
     def num_branches(self) -> int:
         return int(self.has_cmp) + int(self.has_slc) + int(self.has_win)
+
+    @property
+    def gate_weights(self) -> List[float]:
+        """Each present branch's fixed gate weight, 1.0 each when none are set (the kernels
+        read these where no per-row gates are passed)."""
+        return list(self.fixed_gates) or [1.0] * self.num_branches
 
     @property
     def needs_cmp(self) -> bool:

@@ -223,7 +223,7 @@ def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tenso
     n_rows = B * HQ * T
     delta = do.new_empty(nb, B, HQ, T, dtype=torch.float32)
     rows = do.new_empty(nb, 3, B, kv_heads, T, HQ // kv_heads, dtype=torch.float32)
-    fixed = list(params.fixed_gates) or [1.0] * nb
+    fixed = params.gate_weights
     block = 64
     nsa_bwd_rows_kernel[(triton.cdiv(n_rows, block),)](
         do, branch_out, lse, gates, delta, rows, n_rows, T,

@@ -79,7 +79,7 @@ def launch_geometry(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     (B, H, T, G, fixed gate weights, constexprs common to all kernels, gate strides)."""
     B, HQ, T, DK = q.shape
     H, DV = k.shape[1], v.shape[-1]
-    fixed = list(params.fixed_gates) or [1.0] * params.num_branches
+    fixed = params.gate_weights
     common = dict(H=H, G=HQ // H, DK=DK, DK_PAD=_pow2(DK, 16), DV=DV, DV_PAD=_pow2(DV, 16),
                   HAS_GATES=gates is not None)
     gate_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
