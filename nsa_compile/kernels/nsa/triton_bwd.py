@@ -216,8 +216,9 @@ class RowStats(NamedTuple):
 
 def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tensor],
               params: NSAParams, kv_heads: int) -> RowStats:
-    """do: (B, HQ, T, Dv) contiguous; branch_out: (n_branches, B, HQ, T, Dv) and lse:
-    (n_branches, B, HQ, T) contiguous, as the forward saved them."""
+    """do: (B, HQ, T, Dv); branch_out: (n_branches, B, HQ, T, Dv) and lse: (n_branches, B, HQ,
+    T) as the forward saved them (made contiguous here when they are not)."""
+    do, branch_out, lse = do.contiguous(), branch_out.contiguous(), lse.contiguous()
     nb = branch_out.shape[0]
     B, HQ, T, DV = do.shape
     n_rows = B * HQ * T
@@ -248,7 +249,7 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
     p = params
     do = do.contiguous()
     if stats is None:
-        stats = row_stats(do, branch_out.contiguous(), lse.contiguous(), gates, p, k.shape[1])
+        stats = row_stats(do, branch_out, lse, gates, p, k.shape[1])
     run = _Backward(do, q, k, v, k_cmp, v_cmp, p, stats, configs)
     if p.has_cmp:
         run.dense_dq("compressed")
@@ -313,7 +314,7 @@ def nsa_bwd_cuda(do, q, k, v, gates, k_cmp, v_cmp, params: NSAParams, branch_out
     """CUDA kernel of nsa_compile::nsa_bwd when the forward saved its residuals: block sizes
     from the autotune cache."""
     do = do.contiguous()
-    stats = row_stats(do, branch_out.contiguous(), lse.contiguous(), gates, params, k.shape[1])
+    stats = row_stats(do, branch_out, lse, gates, params, k.shape[1])
     configs = tuned_configs(do, q, k, v, k_cmp, v_cmp, params, stats, block_idx)
     return nsa_backward(do, q, k, v, gates, k_cmp, v_cmp, params, branch_out, lse, block_idx,
                         configs, stats=stats)
