@@ -24,40 +24,45 @@ from .nsa_fwd import merge_slot, merge_tile
 
 
 @jit_kernel
-def nsa_bwd_rows_kernel(DO, OB, LSE, GATES, DELTA, ROWS, n_rows, T,
-                        sg_b, sg_h, sg_t, sg_c, fixed0, fixed1, fixed2,
+def nsa_bwd_rows_kernel(DO, OB, LSE, GATES, DGATES, ROWS, n_rows, T,
+                        sg_b, sg_h, sg_t, sg_c, sdg_b, sdg_h, sdg_t, sdg_c, fixed0, fixed1, fixed2,
                         NB: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
                         DV_PAD: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK: tl.constexpr):
-    """For rows r = (b·HQ + hq)·T + t of the contiguous (B·HQ·T, Dv) output gradient and
-    each branch c of OB (NB, B·HQ·T, Dv) and LSE (NB, B·HQ·T): DELTA[c, r] = Σ_d DO[r, d] ·
-    OB[c, r, d] in fp32 (D_c, the gate's gradient), and the row's (lse in log2 units, D_c,
-    gate weight) in ROWS[c] (3, B, H, T, G) fp32 for `_row_stats`: there a KV head's rows are
-    position-major, so the rows of a tile of positions are one contiguous run instead of one
-    scattered load per query head and quantity (fixed_c: branch c's weight without GATES)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = r < n_rows
+    """Per row and branch c, from the contiguous (B·HQ·T, Dv) output gradient DO, the
+    branches' outputs OB (NB, B·HQ·T, Dv) and LSE (NB, B·HQ·T): D_c = Σ_d DO[r, d] ·
+    OB[c, r, d] in fp32, the gate's gradient (into DGATES, shaped like GATES, when the gates
+    are learned), and the row's (lse in log2 units, D_c, gate weight) into ROWS[c]
+    (3, B, H, T, G) fp32 for `_row_stats` (fixed_c: branch c's weight without GATES).
+
+    A program takes BLOCK consecutive entries of ROWS[c]'s layout — a KV head's rows
+    position-major, so a tile of positions reads them as one run — and so stores them as one
+    run; its loads are whole rows of Dv values, cheap in any order."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # ((b·H + h)·T + t)·G + gh
+    live = i < n_rows
+    gh = i % G
+    tok = (i // G) % T
+    bh = i // (G * T)
+    b = bh // H
+    hq = bh % H * G + gh
+    r = (bh * G + gh) * T + tok  # the row of DO: (b·HQ + hq)·T + t
     d = tl.arange(0, DV_PAD)
     mask = live[:, None] & (d < DV)[None, :]
-    off = r[:, None] * DV + d[None, :]
-    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    bhq = r // T  # b·HQ + hq = (b·H + h)·G + gh
-    tok = r % T
-    dest = ((bhq // G) * T + tok) * G + bhq % G
-    b = bhq // (H * G)
-    hq = bhq % (H * G)
+    do = tl.load(DO + r[:, None] * DV + d[None, :], mask=mask, other=0.0).to(tl.float32)
     for c in tl.static_range(NB):
         o = tl.load(OB + (r + c * n_rows)[:, None] * DV + d[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         delta = tl.sum(do * o, 1)
-        tl.store(DELTA + c * n_rows + r, delta, mask=live)
         fixed = fixed0
         if c == 1:
             fixed = fixed1
         if c == 2:
             fixed = fixed2
         g = load_gate(GATES, b, hq, tok, live, sg_b, sg_h, sg_t, sg_c, fixed, HAS_GATES, c)
+        if HAS_GATES:
+            dg = b * sdg_b + hq * sdg_h + tok * sdg_t + c * sdg_c
+            tl.store(DGATES + dg, delta.to(DGATES.dtype.element_ty), mask=live)
         lse2 = tl.load(LSE + c * n_rows + r, mask=live, other=0.0) * LOG2E
-        out = ROWS + c * 3 * n_rows + dest
+        out = ROWS + c * 3 * n_rows + i
         tl.store(out, lse2, mask=live)
         tl.store(out + n_rows, delta, mask=live)
         tl.store(out + 2 * n_rows, g, mask=live)
@@ -97,17 +102,18 @@ def _probs_and_dscores_by_key(k, v, q, do, visible, lse2, delta, g, qk_scale):
 
 @jit_kernel
 def nsa_dense_bwd_dq_kernel(
-        Q, K, V, K_TILES, V_TILES, DO, ROWS, DQ,
+        Q, K, V, K_TILES, V_TILES, DO, ROWS, DQ_SUM, DQ_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         so_b, so_h, so_t, so_d, sdq_b, sdq_h, sdq_t, sdq_d,
         T, n_keys, n_rows, scale,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr,
-        ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
-    """dQ of the compressed or window branch for one (batch, KV head, query tile); DQ fp32.
-    K_TILES/V_TILES: the key tiles' sources for `load_tile`."""
+        DV_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
+    """dQ of the compressed or window branch for one (batch, KV head, query tile), added (with
+    ACCUMULATE) to the fp32 sum DQ_SUM of the kernels before and stored in DQ_OUT: DQ_SUM
+    itself, or the gradient in the input dtype when no kernel adds to dQ after this one
+    (`accumulate_into`). K_TILES/V_TILES: the key tiles' sources for `load_tile`."""
     t0 = tl.program_id(0) * BLOCK_T
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -135,13 +141,28 @@ def nsa_dense_bwd_dq_kernel(
             visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
         p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
         dq += tl.dot(ds.to(k.dtype), k)
-    store_rows(DQ, dq * scale, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD,
-               ACCUMULATE)
+    dq = accumulate_into(DQ_SUM, dq * scale, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK,
+                         DK_PAD, ACCUMULATE)
+    store_rows(DQ_OUT, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, False)
+
+
+@triton.jit
+def accumulate_into(SUM, x, b, hq, tok, ok, s_b, s_h, s_t, s_d, D: tl.constexpr,
+                    D_PAD: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """x plus, with ACCUMULATE, the fp32 rows SUM[b, hq, tok, :] the kernels before wrote (hq
+    may be one head for all rows, as in `store_rows`): the last kernel adding to a gradient
+    can store the sum straight in the input dtype, with no cast pass over the fp32 buffer."""
+    if ACCUMULATE:
+        d = tl.arange(0, D_PAD)
+        row = b.to(tl.int64) * s_b + hq.to(tl.int64) * s_h + tok.to(tl.int64) * s_t
+        x += tl.load(SUM + row[:, None] + d[None, :] * s_d, mask=ok[:, None] & (d < D)[None, :],
+                     other=0.0)
+    return x
 
 
 @jit_kernel
 def nsa_dense_bwd_dkdv_kernel(
-        Q, K, V, DO, Q_TILES, DO_TILES, ROWS, DK_OUT, DV_OUT,
+        Q, K, V, DO, Q_TILES, DO_TILES, ROWS, DK_SUM, DV_SUM, DK_OUT, DV_OUT,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         so_b, so_h, so_t, so_d,
         sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
@@ -149,15 +170,15 @@ def nsa_dense_bwd_dkdv_kernel(
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_LAST: tl.constexpr,
         WINDOW: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
-        DV_PAD: tl.constexpr,
-        ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
+        DV_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of the compressed or window branch for one (batch, KV head, key tile, query
     chunk): walks the query tiles of chunk program_id(2) (queries [s·q_chunk, (s+1)·q_chunk),
     q_chunk a multiple of BLOCK_T) that see the tile's keys; the whole GQA group is summed in
     each MMA (rows head-major: with TMA a tile's q and dO are one (G_PAD, BLOCK_T) block copy
     each, Q_TILES/DO_TILES). Chunk s writes its partial sums split_stride elements after
     chunk s - 1's, so the long compressed-key walk is spread over more programs and summed in
-    a fixed order."""
+    a fixed order. With ACCUMULATE the fp32 sums DK_SUM/DV_SUM of the kernels before are
+    added and DK_OUT/DV_OUT may be the gradients in the input dtype (`accumulate_into`)."""
     c = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     q_lo = tl.program_id(2) * q_chunk
     split = tl.program_id(2).to(tl.int64) * split_stride
@@ -193,10 +214,12 @@ def nsa_dense_bwd_dkdv_kernel(
         p_t, ds_t = _probs_and_dscores_by_key(k, v, q, do, visible, lse2, delta, g, qk_scale)
         dv += tl.dot(p_t.to(do.dtype), do)
         dk += tl.dot(ds_t.to(q.dtype), q)
-    store_rows(DK_OUT + split, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
-               DK_PAD, ACCUMULATE)
-    store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
-               ACCUMULATE)
+    dk = accumulate_into(DK_SUM, dk * scale, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
+                         DK_PAD, ACCUMULATE)
+    dv = accumulate_into(DV_SUM, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD,
+                         ACCUMULATE)
+    store_rows(DK_OUT + split, dk, b, h, c, live, sdk_b, sdk_h, sdk_t, sdk_d, DK, DK_PAD, False)
+    store_rows(DV_OUT + split, dv, b, h, c, live, sdv_b, sdv_h, sdv_t, sdv_d, DV, DV_PAD, False)
 
 
 @jit_kernel

@@ -3,7 +3,8 @@
 Reads what the forward kept (`triton_fwd.ForwardResult` with save=True): the ungated branch
 outputs, each branch's lse and the selected blocks. Kernel order (each one adds into the fp32
 gradient buffers the previous ones wrote, so the sum's order is fixed):
-compressed dQ, dK_cmp/dV_cmp → selected dQ, dK/dV → window dQ, dK/dV.
+compressed dQ, dK_cmp/dV_cmp → selected dQ, dK/dV → window dQ, dK/dV; the window kernels,
+adding last, store dQ, dK and dV in the input dtype.
 """
 from __future__ import annotations
 
@@ -51,11 +52,16 @@ class _Backward:
         self.stats, self.configs = stats, configs
         self.B, self.H, self.T, self.G, _, self.common, _ = launch_geometry(q, k, v, None, params)
         del self.common["HAS_GATES"]  # the gates reach the kernels in stats.rows
-        self.n_rows = stats.delta[0].numel()
+        self.n_rows = stats.rows[0, 0].numel()
         # Gradients keep their input's strides (the op's fake promises empty_like).
         self.dq = torch.empty_like(q, dtype=torch.float32)
         self.dk = torch.empty_like(k, dtype=torch.float32)
         self.dv = torch.empty_like(v, dtype=torch.float32)
+        # The window kernels add to dQ and dK/dV last: they store the sums in the input dtype.
+        last = params.has_win
+        self.dq_out = torch.empty_like(q) if last else self.dq
+        self.dk_out = torch.empty_like(k) if last else self.dk
+        self.dv_out = torch.empty_like(v) if last else self.dv
         self.dk_cmp = None if k_cmp is None else torch.zeros_like(k_cmp)
         self.dv_cmp = None if v_cmp is None else torch.empty_like(v_cmp)
         # (keys, values, key stride, key position offset, window, dK out, dV out) per branch
@@ -90,14 +96,15 @@ class _Backward:
         k_tiles, v_tiles, tma = tile_pair(keys, values, cfg.block_n)
         nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
             self.q, keys, values, k_tiles, v_tiles, self.do, rows, self.dq,
-            *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
+            self.dq_out if name == "window" else self.dq, *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
             self.n_rows, self.params.scale, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
             KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, ACCUMULATE=self.wrote_dq,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
     def dense_dkdv(self, name: str) -> None:
-        """dK/dV (window: into the fp32 buffers after the selected branch's) or dK_cmp/dV_cmp.
+        """dK/dV (window: added to the selected branch's fp32 sums, stored in the input dtype)
+        or dK_cmp/dV_cmp.
 
         The compressed keys are few and each is seen by every later query: their walk is cut
         into query chunks run by separate programs, whose fp32 partial sums are then added in
@@ -110,14 +117,14 @@ class _Backward:
             programs = triton.cdiv(n_keys, cfg.block_n) * self.B * self.H
             splits = query_splits(self.T, programs, self.q.device) if name == "compressed" else 1
             q_chunk = triton.cdiv(triton.cdiv(self.T, splits), block_t) * block_t
-            out_k, out_v = dk, dv
+            out_k, out_v = (self.dk_out, self.dv_out) if name == "window" else (dk, dv)
             if splits > 1:
                 out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
                 out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
             q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
             nsa_dense_bwd_dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), self.B * self.H,
                                        splits)](
-                self.q, keys, values, self.do, q_tiles, do_tiles, rows, out_k, out_v,
+                self.q, keys, values, self.do, q_tiles, do_tiles, rows, dk, dv, out_k, out_v,
                 *self._strides(keys, values), *out_k[0].stride() if splits > 1 else dk.stride(),
                 *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, self.n_rows,
                 q_chunk, dk.numel(), self.params.scale, G_PAD=g_pad, BLOCK_T=block_t,
@@ -206,12 +213,13 @@ class _Backward:
 class RowStats(NamedTuple):
     """What every backward kernel reads per query row, from `row_stats`.
 
-    delta: (n_branches, B, HQ, T) fp32, D_c = rowsum(dO ∘ o_c) (also the gates' gradient);
-    rows: (n_branches, 3, B, H, T, G) fp32, per row of branch c: its lse in log2 units, D_c
-    and its gate weight, each KV head's rows position-major (`nsa_bwd_rows_kernel`)."""
+    rows: (n_branches, 3, B, H, T, G) fp32, per row of branch c: its lse in log2 units,
+    D_c = rowsum(dO ∘ o_c) and its gate weight, each KV head's rows position-major
+    (`nsa_bwd_rows_kernel`); dgates: the gates' gradient (D_c, shaped like the gates), None
+    without learned gates."""
 
-    delta: Tensor
     rows: Tensor
+    dgates: Optional[Tensor]
 
 
 def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tensor],
@@ -222,16 +230,17 @@ def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tenso
     nb = branch_out.shape[0]
     B, HQ, T, DV = do.shape
     n_rows = B * HQ * T
-    delta = do.new_empty(nb, B, HQ, T, dtype=torch.float32)
     rows = do.new_empty(nb, 3, B, kv_heads, T, HQ // kv_heads, dtype=torch.float32)
+    dgates = None if gates is None else torch.empty_like(gates)
     fixed = params.gate_weights
     block = 64
     nsa_bwd_rows_kernel[(triton.cdiv(n_rows, block),)](
-        do, branch_out, lse, gates, delta, rows, n_rows, T,
-        *(gates.stride() if gates is not None else (0, 0, 0, 0)), *(fixed + [0.0] * (3 - nb)),
+        do, branch_out, lse, gates, dgates, rows, n_rows, T,
+        *(gates.stride() if gates is not None else (0, 0, 0, 0)),
+        *(dgates.stride() if dgates is not None else (0, 0, 0, 0)), *(fixed + [0.0] * (3 - nb)),
         NB=nb, H=kv_heads, G=HQ // kv_heads, DV=DV, DV_PAD=_pow2(DV, 16),
         HAS_GATES=gates is not None, BLOCK=block)
-    return RowStats(delta, rows)
+    return RowStats(rows, dgates)
 
 
 def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
@@ -262,10 +271,8 @@ def nsa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Te
     if not run.wrote_dkv:
         run.dk.zero_()
         run.dv.zero_()
-    dgates = None if gates is None else torch.empty_like(gates).copy_(
-        stats.delta.permute(1, 2, 3, 0))
-    return (run.dq.to(q.dtype), run.dk.to(k.dtype), run.dv.to(v.dtype), dgates, run.dk_cmp,
-            run.dv_cmp)
+    return (run.dq_out.to(q.dtype), run.dk_out.to(k.dtype), run.dv_out.to(v.dtype),
+            stats.dgates, run.dk_cmp, run.dv_cmp)
 
 
 def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Optional[Tensor],
