@@ -132,11 +132,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = ctx.args[:-1]  # the save flag is the forward's only
     _, branch_out, lse, block_idx = output
     ctx.mark_non_differentiable(branch_out, lse, block_idx)
+    # The residual outputs get no gradient: without this autograd would fill a zero tensor
+    # of each (branch_out alone is 3x the output) before every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, gates, k_cmp, v_cmp, branch_out, lse, block_idx)
 
 
 def _backward(ctx, grad_out, *_residual_grads):
     q, k, v, gates, k_cmp, v_cmp, *residuals = ctx.saved_tensors
+    if grad_out is None:  # only the residuals reached the loss: they carry no gradient
+        return (None,) * (6 + len(ctx.args) + 1)
     grads = nsa_bwd(grad_out.contiguous(), q, k, v, gates, k_cmp, v_cmp, *residuals, *ctx.args)
     present = (q, k, v, gates, k_cmp, v_cmp)
     return (*(None if x is None else g for g, x in zip(grads, present)),
