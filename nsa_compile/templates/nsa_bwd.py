@@ -373,7 +373,7 @@ def nsa_slc_bwd_dq_merge_kernel(
     the sum, in slot order, of the pairs' shares the fused dK/dV kernel wrote."""
     b, tok, hq, gh, ok, blocks = merge_tile(IDX, T, t_lo, n_pos, H, G, G_PAD, BLOCK_T, N_PAD)
     dq = tl.zeros([BLOCK_T * G_PAD, DK_PAD], tl.float32)
-    for s_i in range(N):
+    for s_i in tl.static_range(N):  # unrolled: the n loads in flight at once
         live, pair = merge_slot(blocks, ok, tok - t_lo, n_pos, s_i, N_PAD)
         dq += load_rows(DQ_PART, b, gh, pair, live, 0, DK, G * DK, 1, DK, DK_PAD).to(tl.float32)
     store_rows(DQ, dq, b, hq, tok, ok, sdq_b, sdq_h, sdq_t, sdq_d, DK, DK_PAD, ACCUMULATE)
