@@ -67,7 +67,8 @@ class _Backward:
         self.dv_out = torch.empty_like(v) if last else self.dv
         self.dk_cmp = None if k_cmp is None else torch.zeros_like(k_cmp)
         self.dv_cmp = None if v_cmp is None else torch.empty_like(v_cmp)
-        # (keys, values, key stride, key position offset, window, dK out, dV out) per branch
+        # (keys, values, key stride, key position offset, window, dK, dV) per branch; the
+        # window's dK/dV are the fp32 sums (its kernel stores into dk_out/dv_out)
         self.dense_keys = {
             "compressed": (k_cmp, v_cmp, params.compress_stride, params.compress_block - 1, 0,
                            self.dk_cmp, self.dv_cmp),
@@ -99,10 +100,11 @@ class _Backward:
         k_tiles, v_tiles, tma = tile_pair(keys, values, cfg.block_n)
         nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
             self.q, keys, values, k_tiles, v_tiles, self.do, rows, self.dq,
-            self.dq_out if name == "window" else self.dq, *self._strides(keys, values), *self.dq.stride(), self.T, keys.shape[2],
-            self.n_rows, self.params.scale, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n,
-            KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window, ACCUMULATE=self.wrote_dq,
-            TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
+            self.dq_out if name == "window" else self.dq, *self._strides(keys, values),
+            *self.dq.stride(), self.T, keys.shape[2], self.n_rows, self.params.scale,
+            G_PAD=g_pad, BLOCK_T=block_t, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
+            KEY_LAST=key_last, WINDOW=window, ACCUMULATE=self.wrote_dq, TMA=tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
         self.wrote_dq = True
 
     def dense_dkdv(self, name: str) -> None:
