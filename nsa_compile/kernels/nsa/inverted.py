@@ -8,6 +8,7 @@ chunk of query positions at a time (`position_chunk`).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -18,8 +19,9 @@ from torch import Tensor
 # so the partial sums stay few).
 MIN_LIST_CHUNK, MAX_LIST_CHUNK = 512, 4096
 # Bytes the per-(query, slot) partial results of one position chunk may take, and the fewest
-# positions a chunk holds.
-PARTIAL_BUDGET, MIN_POSITION_CHUNK = 1 << 30, 64
+# positions a chunk holds. Each chunk costs the host an inversion and two launches (~1 ms on
+# the H100's host): 1.25 GiB holds the G=4 forward's at T=8192 (1.02 GiB) in one chunk.
+PARTIAL_BUDGET, MIN_POSITION_CHUNK = 5 << 28, 64
 
 
 class Inverted(NamedTuple):
@@ -34,8 +36,12 @@ class Inverted(NamedTuple):
 
 
 def sms(device: torch.device) -> int:
-    return (torch.cuda.get_device_properties(device).multi_processor_count
-            if device.type == "cuda" else 8)
+    return _cuda_sms(device.index) if device.type == "cuda" else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
@@ -48,11 +54,14 @@ def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
 
 def position_chunk(T: int, bytes_per_position: int) -> int:
     """Query positions per pass of a kernel that keeps `bytes_per_position` of partial results
-    for each: all T when they fit in PARTIAL_BUDGET, else the largest multiple of
-    MIN_POSITION_CHUNK that does (at least one)."""
+    for each: all T when they fit in PARTIAL_BUDGET, else as few chunks as fit (each a
+    multiple of MIN_POSITION_CHUNK, at least one), of equal size but for the last."""
     fit = PARTIAL_BUDGET // max(1, bytes_per_position)
+    if fit >= T:
+        return T
     step = MIN_POSITION_CHUNK
-    return T if fit >= T else max(step, fit // step * step)
+    fit = max(step, fit // step * step)
+    return triton.cdiv(triton.cdiv(T, triton.cdiv(T, fit)), step) * step
 
 
 def invert_selection(block_idx: Tensor, n_blocks: int, t0: int = 0,
@@ -69,15 +78,18 @@ def invert_selection(block_idx: Tensor, n_blocks: int, t0: int = 0,
     dev = block_idx.device
     groups = B * H * n_blocks
     kt = torch.int32 if (groups + 1) * C < 2**31 else torch.int64
-    bh = torch.arange(B * H, device=dev, dtype=kt).view(B, H, 1, 1)
-    t = torch.arange(C, device=dev, dtype=kt).view(1, 1, C, 1)
-    key = (bh * n_blocks + block_idx.to(kt)) * C + t
-    listed = block_idx >= 0
-    if skip_forced is not None:
+    # Few, whole-tensor ops: at T=8192 each costs the host more than its kernel takes.
+    base = (torch.arange(0, groups * C, n_blocks * C, device=dev, dtype=kt).view(B, H, 1, 1)
+            + torch.arange(C, device=dev, dtype=kt).view(1, 1, C, 1))
+    key = torch.add(base, block_idx, alpha=C)
+    if skip_forced is None:
+        unlisted = block_idx < 0
+    else:
         lp, initial, local = skip_forced
-        own = (t + t0) // lp
-        listed = listed & (block_idx >= initial) & (block_idx <= own - local)
-    key = torch.where(listed, key, groups * C).flatten()
+        last = torch.arange(t0, t0 + C, device=dev, dtype=torch.int32).div_(
+            lp, rounding_mode="floor").sub_(local)  # a position's last unforced block
+        unlisted = (block_idx < max(initial, 0)) | (block_idx > last.view(1, 1, C, 1))
+    key = key.masked_fill_(unlisted, groups * C).flatten()
     key, pairs = torch.sort(key)  # keys are unique but for the unlisted, which sort last
-    starts = torch.searchsorted(key, torch.arange(groups + 1, device=dev, dtype=kt) * C)
-    return Inverted((key % C + t0).to(torch.int32), starts, pairs)
+    starts = torch.searchsorted(key, torch.arange(0, (groups + 1) * C, C, device=dev, dtype=kt))
+    return Inverted(key.remainder_(C).add_(t0).to(torch.int32), starts, pairs)

@@ -2,6 +2,7 @@
 CUDA kernel of `nsa_compile::nsa_fwd` that picks them from the autotune cache."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -47,6 +48,13 @@ def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:
+    """Whether the GPU has the TMA engine (asked once per device: `tiles` runs before every
+    launch)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
     """Where a kernel's `load_tile` reads blocks of `heads` x `rows` rows of x (B, H, n, D)
     from -> (source, TMA): a tensor descriptor (bulk copies by the Hopper TMA engine; also in
@@ -58,7 +66,7 @@ def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
           and x.data_ptr() % 16 == 0 and rows <= 256 and heads <= 256 and x.shape[-1] <= 256
           and all(st > 0 and st * elem % 16 == 0 for st in x.stride()[:-1]))
     if x.is_cuda:
-        ok = ok and torch.cuda.get_device_capability(x.device)[0] >= 9
+        ok = ok and _hopper_or_newer(x.device.index)
     else:
         ok = ok and os.environ.get("TRITON_INTERPRET") == "1"
     if not ok:

@@ -1,0 +1,100 @@
+"""How much host (CPU) time one NSA call costs, apart from its GPU time.
+
+Run on a GPU: python benchmarks/host_time.py [--ts 8192] [--groups 32/8] [--profile]
+The GPU is first kept busy (torch.cuda._sleep), so the calls below only queue kernels: their
+wall time is host time. Prints, per shape, the host ms and the GPU ms of one forward and of
+one forward+backward; with --profile, the Python functions the host spends most in (cProfile)
+and the torch ops and CUDA API calls with the most CPU time (torch.profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from nsa_compile import NSAConfig
+from nsa_compile.ops import nsa_attention
+
+# Calls per host measurement: few enough that their kernels fit the GPU's launch queue (a
+# full queue blocks the host until kernels finish, which would count GPU time as host time).
+D, CALLS, HOST_CALLS = 128, 20, 4
+
+
+def host_ms(fn, calls: int = HOST_CALLS) -> float:
+    """Median wall ms of `calls` calls of `fn` while the GPU is busy with a sleep kernel."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time: far more than the calls queue
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_ms(fn, calls: int = CALLS) -> float:
+    """Wall ms per call, back to back, synchronised at the end (host- or GPU-bound)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ts", default="8192")
+    ap.add_argument("--groups", default="64/4,32/8")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name())
+    rows = []
+    for grp in args.groups.split(","):
+        HQ, H = map(int, grp.split("/"))
+        for T in map(int, args.ts.split(",")):
+            make = lambda h: torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16)
+            q, k, v = (x.requires_grad_() for x in (make(HQ), make(H), make(H)))
+            gates = torch.rand(1, HQ, T, 3, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True)
+            do = torch.randn_like(q)
+            cfg = NSAConfig()
+            fwd = lambda: nsa_attention(q.detach(), k.detach(), v.detach(), config=cfg,
+                                        gates=gates.detach())
+            both = lambda: torch.autograd.grad(
+                nsa_attention(q, k, v, config=cfg, gates=gates), (q, k, v, gates), do)
+            both()
+            row = (HQ, H, T, host_ms(fwd), gpu_ms(fwd), host_ms(both), gpu_ms(both))
+            rows.append(row)
+            if args.profile:
+                for name, fn in (("forward", fwd), ("forward+backward", both)):
+                    prof = cProfile.Profile()
+                    torch.cuda._sleep(1_000_000_000)
+                    prof.enable()
+                    for _ in range(HOST_CALLS):
+                        fn()
+                    prof.disable()
+                    torch.cuda.synchronize()
+                    print(f"\n{HQ}/{H} T={T} {name}: {HOST_CALLS} calls")
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+                    torch.cuda._sleep(1_000_000_000)
+                    with torch.profiler.profile(
+                            activities=[torch.profiler.ProfilerActivity.CPU]) as tprof:
+                        for _ in range(HOST_CALLS):
+                            fn()
+                    torch.cuda.synchronize()
+                    print(tprof.key_averages().table(sort_by="self_cpu_time_total",
+                                                     row_limit=30, max_name_column_width=60))
+    print("\n| HQ/H | T | fwd host ms | fwd wall ms | fwd+bwd host ms | fwd+bwd wall ms |")
+    print("|---|---|---|---|---|---|")
+    for HQ, H, T, *ms in rows:
+        print(f"| {HQ}/{H} | {T} | " + " | ".join(f"{x:.2f}" for x in ms) + " |")
+
+
+if __name__ == "__main__":
+    main()
