@@ -83,6 +83,18 @@ def test_triton_backward_matches_reference(name, transposed=False, configs=SMALL
             assert err < tol, (name, err)
 
 
+@pytest.mark.parametrize("order", ["per-position", "block-by-block"])
+def test_triton_forward_and_backward_of_an_empty_sequence(order):
+    """T = 0 (SDPA accepts it): empty outputs and gradients, whichever loop order."""
+    configs = SMALL if order == "per-position" else {**SMALL, **ref.SMALL_BLOCKS}
+    q, k, v, gates, kc, vc, p, do = _inputs(1, 4, 2, 0, 16, 16, NSAConfig(**SMALL_NSA),
+                                            torch.float32)
+    res, got = _forward_backward(q, k, v, gates, kc, vc, p, do, configs)
+    assert res.o.shape == (1, 4, 0, 16)
+    for g, x in zip(got, (q, k, v, gates, kc, vc)):
+        assert g.shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["compressed-only-T111", "all-learned-G3-T50-n3-fp16"])
 def test_triton_backward_split_compressed_walk(name, monkeypatch):
     """The compressed dK/dV walk cut into query chunks (on the GPU from 2048 queries on)."""

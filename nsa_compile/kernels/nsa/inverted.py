@@ -54,11 +54,12 @@ def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
 
 def position_chunk(T: int, bytes_per_position: int) -> int:
     """Query positions per pass of a kernel that keeps `bytes_per_position` of partial results
-    for each: all T when they fit in PARTIAL_BUDGET, else as few chunks as fit (each a
-    multiple of MIN_POSITION_CHUNK, at least one), of equal size but for the last."""
+    for each: all T (at least 1, a step for range()) when they fit in PARTIAL_BUDGET, else as
+    few chunks as fit (each a multiple of MIN_POSITION_CHUNK, at least one), of equal size but
+    for the last."""
     fit = PARTIAL_BUDGET // max(1, bytes_per_position)
     if fit >= T:
-        return T
+        return max(T, 1)
     step = MIN_POSITION_CHUNK
     fit = max(step, fit // step * step)
     return triton.cdiv(triton.cdiv(T, triton.cdiv(T, fit)), step) * step

@@ -168,7 +168,7 @@ class _Backward:
         # the shares in the input dtype (as the forward's partial outputs): half the bytes of
         # fp32, twice the positions per chunk; the merge sums them in fp32
         elem = self.q.element_size()
-        chunk = position_chunk(T, B * H * n_pad * self.G * DK * elem) if fuse else T
+        chunk = position_chunk(T, B * H * n_pad * self.G * DK * elem if fuse else 0)
         dq_part = self.q.new_empty(B * H * chunk * n_pad * self.G * DK) if fuse else None
         g_pad = _pow2(self.G)
         merge_t = max(1, MERGE_ROWS // g_pad)
