@@ -165,6 +165,17 @@ def test_invert_selection_lists_each_blocks_queries_in_order():
     assert torch.equal(shifted.queries, queries + 5) and torch.equal(shifted.pairs, pairs)
 
 
+def test_position_chunks_are_few_equal_and_within_budget(monkeypatch):
+    from nsa_compile.kernels.nsa import inverted
+    monkeypatch.setattr(inverted, "PARTIAL_BUDGET", 100)
+    monkeypatch.setattr(inverted, "MIN_POSITION_CHUNK", 4)
+    assert inverted.position_chunk(100, 1) == 100  # all fit: one chunk
+    assert inverted.position_chunk(0, 1) == 1
+    assert inverted.position_chunk(130, 1) == 68  # two chunks (68 + 62), not 100 + 30
+    assert inverted.position_chunk(130, 2) == 44  # budget 50 positions: three chunks
+    assert inverted.position_chunk(10, 1000) == 4  # nothing fits: the smallest chunk
+
+
 def test_invert_selection_can_leave_out_the_forced_blocks():
     """With skip_forced = (l', initial, local) each position's forced blocks are not listed
     (the forward's window kernel attends to them)."""
@@ -191,7 +202,7 @@ def test_triton_backward_selected_dq_fused_into_dkdv(name):
 
 def test_triton_backward_fused_dq_in_position_chunks(monkeypatch):
     """dQ shares over budget: chunks of 16 positions (on the GPU when B·H·T·n·G·Dk·elem bytes
-    pass 1 GiB)."""
+    pass 1.25 GiB)."""
     chunks = ref.record_position_chunks(monkeypatch, "triton_bwd")
     test_triton_backward_matches_reference("selected-only-G8-T70",
                                            configs={**SMALL, **ref.SMALL_BLOCKS})

@@ -166,7 +166,7 @@ def test_triton_forward_selected_block_by_block(name):
 
 def test_triton_forward_selected_block_by_block_in_position_chunks(monkeypatch):
     """Partial results over budget: the positions run in chunks of 16 (on the GPU when
-    B·H·T·n·G·(Dv·elem + 4) bytes pass 1 GiB)."""
+    B·H·T·n·G·(Dv·elem + 4) bytes pass 1.25 GiB)."""
     chunks = ref.record_position_chunks(monkeypatch, "triton_fwd")
     out = _run(1, 4, 2, 50, 16, 16, NSAConfig(**SMALL_NSA), torch.float32, configs=BLOCKS)
     assert chunks == [0, 16, 32, 48]
