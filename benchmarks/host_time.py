@@ -2,9 +2,10 @@
 
 Run on a GPU: python benchmarks/host_time.py [--ts 8192] [--groups 32/8] [--profile]
 The GPU is first kept busy (torch.cuda._sleep), so the calls below only queue kernels: their
-wall time is host time. Prints, per shape, the host ms and the GPU ms of one forward and of
-one forward+backward; with --profile, the Python functions the host spends most in (cProfile)
-and the torch ops and CUDA API calls with the most CPU time (torch.profiler).
+wall time is host time. Prints, per shape, the host ms and the wall ms (calls back to back:
+host- or GPU-bound) of one forward and of one forward+backward; with --profile, the Python
+functions the host spends most in (cProfile) and the torch ops and CUDA API calls with the
+most CPU time (torch.profiler).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def host_ms(fn, calls: int = HOST_CALLS) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_ms(fn, calls: int = CALLS) -> float:
+def wall_ms(fn, calls: int = CALLS) -> float:
     """Wall ms per call, back to back, synchronised at the end (host- or GPU-bound)."""
     fn()
     torch.cuda.synchronize()
@@ -69,7 +70,7 @@ def main():
             both = lambda: torch.autograd.grad(
                 nsa_attention(q, k, v, config=cfg, gates=gates), (q, k, v, gates), do)
             both()
-            row = (HQ, H, T, host_ms(fwd), gpu_ms(fwd), host_ms(both), gpu_ms(both))
+            row = (HQ, H, T, host_ms(fwd), wall_ms(fwd), host_ms(both), wall_ms(both))
             rows.append(row)
             if args.profile:
                 for name, fn in (("forward", fwd), ("forward+backward", both)):

@@ -35,13 +35,15 @@ class Inverted(NamedTuple):
     pairs: Tensor
 
 
-def sms(device: torch.device) -> int:
-    return _cuda_sms(device.index) if device.type == "cuda" else 8
-
-
 @functools.lru_cache(maxsize=None)
-def _cuda_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def cuda_properties(device_index: int):
+    """torch.cuda.get_device_properties, asked once per device (the launchers ask before every
+    launch)."""
+    return torch.cuda.get_device_properties(device_index)
+
+
+def sms(device: torch.device) -> int:
+    return cuda_properties(device.index).multi_processor_count if device.type == "cuda" else 8
 
 
 def list_chunk(entries: int, block_t: int, device: torch.device) -> int:

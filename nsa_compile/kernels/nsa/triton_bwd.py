@@ -168,6 +168,7 @@ class _Backward:
         # the shares in the input dtype (as the forward's partial outputs): half the bytes of
         # fp32, twice the positions per chunk; the merge sums them in fp32
         elem = self.q.element_size()
+        # (unfused there are no shares: one chunk)
         chunk = position_chunk(T, B * H * n_pad * self.G * DK * elem if fuse else 0)
         dq_part = self.q.new_empty(B * H * chunk * n_pad * self.G * DK) if fuse else None
         g_pad = _pow2(self.G)

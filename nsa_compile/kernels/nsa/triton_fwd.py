@@ -2,7 +2,6 @@
 CUDA kernel of `nsa_compile::nsa_fwd` that picks them from the autotune cache."""
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -17,7 +16,7 @@ from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel,
                                   nsa_slc_fwd_blocks_kernel, nsa_slc_fwd_combine_kernel,
                                   nsa_slc_fwd_kernel, nsa_win_fwd_kernel)
-from .inverted import invert_selection, list_chunk, position_chunk
+from .inverted import cuda_properties, invert_selection, list_chunk, position_chunk
 from .params import NSAParams, num_selection_blocks, supported
 
 # Rows per program of the kernels that merge per-(query, slot) partial results (untuned:
@@ -48,13 +47,6 @@ def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
 
 
-@functools.lru_cache(maxsize=None)
-def _hopper_or_newer(device_index: int) -> bool:
-    """Whether the GPU has the TMA engine (asked once per device: `tiles` runs before every
-    launch)."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
     """Where a kernel's `load_tile` reads blocks of `heads` x `rows` rows of x (B, H, n, D)
     from -> (source, TMA): a tensor descriptor (bulk copies by the Hopper TMA engine; also in
@@ -66,7 +58,7 @@ def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
           and x.data_ptr() % 16 == 0 and rows <= 256 and heads <= 256 and x.shape[-1] <= 256
           and all(st > 0 and st * elem % 16 == 0 for st in x.stride()[:-1]))
     if x.is_cuda:
-        ok = ok and _hopper_or_newer(x.device.index)
+        ok = ok and cuda_properties(x.device.index).major >= 9  # TMA: Hopper and newer
     else:
         ok = ok and os.environ.get("TRITON_INTERPRET") == "1"
     if not ok:
