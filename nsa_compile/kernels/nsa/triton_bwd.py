@@ -30,6 +30,9 @@ MIN_SPLIT_QUERIES, SPLIT_PROGRAMS_PER_SM = 1024, 4
 # The dQ merge only streams the shares: with its slot loop unrolled and 8 warps it took 0.43 ms
 # instead of 0.59 at 32/8 8k on the H100 (unrolled alone 0.78, 8 warps alone 0.54).
 MERGE_DQ_WARPS = 8
+# Rows per program of the (untuned, memory-bound) rows kernel, 4 warps: on the H100 32 took
+# 1.74 ms instead of 64's 1.89 at 64/4 64k, 0.87 instead of 0.96 at 32/8 64k.
+ROWS_BLOCK = 32
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
@@ -240,13 +243,12 @@ def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tenso
     rows = do.new_empty(nb, 3, B, kv_heads, T, HQ // kv_heads, dtype=torch.float32)
     dgates = None if gates is None else torch.empty_like(gates)
     fixed = params.gate_weights
-    block = 64
-    nsa_bwd_rows_kernel[(triton.cdiv(n_rows, block),)](
+    nsa_bwd_rows_kernel[(triton.cdiv(n_rows, ROWS_BLOCK),)](
         do, branch_out, lse, gates, dgates, rows, n_rows, T,
         *(gates.stride() if gates is not None else (0, 0, 0, 0)),
         *(dgates.stride() if dgates is not None else (0, 0, 0, 0)), *(fixed + [0.0] * (3 - nb)),
         NB=nb, H=kv_heads, G=HQ // kv_heads, DV=DV, DV_PAD=_pow2(DV, 16),
-        HAS_GATES=gates is not None, BLOCK=block)
+        HAS_GATES=gates is not None, BLOCK=ROWS_BLOCK)
     return RowStats(rows, dgates)
 
 
