@@ -2,10 +2,10 @@
 
 Run on a GPU: python benchmarks/host_time.py [--ts 8192] [--groups 32/8] [--profile]
 The GPU is first kept busy (torch.cuda._sleep), so the calls below only queue kernels: their
-wall time is host time. Prints, per shape, the host ms and the wall ms (calls back to back:
-host- or GPU-bound) of one forward and of one forward+backward; with --profile, the Python
-functions the host spends most in (cProfile) and the torch ops and CUDA API calls with the
-most CPU time (torch.profiler).
+wall time is host time. Prints, per shape, the host ms, the wall ms (calls back to back:
+host- or GPU-bound) and the wall ms of CUDA graph replays (no host work) of one forward and of
+one forward+backward; with --profile, the Python functions the host spends most in (cProfile)
+and the torch ops and CUDA API calls with the most CPU time (torch.profiler).
 """
 from __future__ import annotations
 
@@ -48,6 +48,21 @@ def wall_ms(fn, calls: int = CALLS) -> float:
     return (time.perf_counter() - t0) / calls * 1e3
 
 
+def graph_ms(fn, calls: int = CALLS) -> float:
+    """Wall ms per replay of `fn` captured in a CUDA graph, back to back: the host's work per
+    call is gone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs want
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return wall_ms(graph.replay, calls)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ts", default="8192")
@@ -70,7 +85,8 @@ def main():
             both = lambda: torch.autograd.grad(
                 nsa_attention(q, k, v, config=cfg, gates=gates), (q, k, v, gates), do)
             both()
-            row = (HQ, H, T, host_ms(fwd), wall_ms(fwd), host_ms(both), wall_ms(both))
+            row = (HQ, H, T, host_ms(fwd), wall_ms(fwd), graph_ms(fwd), host_ms(both),
+                   wall_ms(both), graph_ms(both))
             rows.append(row)
             if args.profile:
                 for name, fn in (("forward", fwd), ("forward+backward", both)):
@@ -91,8 +107,9 @@ def main():
                     torch.cuda.synchronize()
                     print(tprof.key_averages().table(sort_by="self_cpu_time_total",
                                                      row_limit=30, max_name_column_width=60))
-    print("\n| HQ/H | T | fwd host ms | fwd wall ms | fwd+bwd host ms | fwd+bwd wall ms |")
-    print("|---|---|---|---|---|---|")
+    print("\n| HQ/H | T | fwd host ms | fwd wall ms | fwd graph ms | fwd+bwd host ms | "
+          "fwd+bwd wall ms | fwd+bwd graph ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for HQ, H, T, *ms in rows:
         print(f"| {HQ}/{H} | {T} | " + " | ".join(f"{x:.2f}" for x in ms) + " |")
 
