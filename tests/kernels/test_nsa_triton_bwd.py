@@ -97,7 +97,7 @@ def test_triton_forward_and_backward_of_an_empty_sequence(order):
 
 @pytest.mark.parametrize("name", ["compressed-only-T111", "all-learned-G3-T50-n3-fp16"])
 def test_triton_backward_split_compressed_walk(name, monkeypatch):
-    """The compressed dK/dV walk cut into query chunks (on the GPU from 2048 queries on)."""
+    """The compressed dK/dV walk cut into query chunks (on the GPU from 1024 queries on)."""
     from nsa_compile.kernels.nsa import triton_bwd
     monkeypatch.setattr(triton_bwd, "MIN_SPLIT_QUERIES", 16)
     assert triton_bwd.query_splits(111, 1, torch.device("cpu")) == 6
