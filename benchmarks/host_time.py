@@ -16,12 +16,11 @@ import time
 
 import torch
 
-from nsa_compile import NSAConfig
-from nsa_compile.ops import nsa_attention
+from nsa_compile import bench
 
 # Calls per host measurement: few enough that their kernels fit the GPU's launch queue (a
 # full queue blocks the host until kernels finish, which would count GPU time as host time).
-D, CALLS, HOST_CALLS = 128, 20, 4
+CALLS, HOST_CALLS = 20, 4
 
 
 def host_ms(fn, calls: int = HOST_CALLS) -> float:
@@ -74,16 +73,7 @@ def main():
     for grp in args.groups.split(","):
         HQ, H = map(int, grp.split("/"))
         for T in map(int, args.ts.split(",")):
-            make = lambda h: torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16)
-            q, k, v = (x.requires_grad_() for x in (make(HQ), make(H), make(H)))
-            gates = torch.rand(1, HQ, T, 3, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True)
-            do = torch.randn_like(q)
-            cfg = NSAConfig()
-            fwd = lambda: nsa_attention(q.detach(), k.detach(), v.detach(), config=cfg,
-                                        gates=gates.detach())
-            both = lambda: torch.autograd.grad(
-                nsa_attention(q, k, v, config=cfg, gates=gates), (q, k, v, gates), do)
+            fwd, both = bench.nsa_calls(HQ, H, T)
             both()
             row = (HQ, H, T, host_ms(fwd), wall_ms(fwd), graph_ms(fwd), host_ms(both),
                    wall_ms(both), graph_ms(both))

@@ -10,10 +10,7 @@ import argparse
 
 import torch
 
-from nsa_compile import NSAConfig
-from nsa_compile.ops import nsa_attention
-
-D = 128
+from nsa_compile import bench
 
 
 def main():
@@ -25,13 +22,7 @@ def main():
     for grp in args.groups.split(","):
         HQ, H = map(int, grp.split("/"))
         for T in map(int, args.ts.split(",")):
-            make = lambda h: torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16)
-            q, k, v = (x.requires_grad_() for x in (make(HQ), make(H), make(H)))
-            gates = torch.rand(1, HQ, T, 3, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True)
-            do = torch.randn_like(q)
-            call = lambda: torch.autograd.grad(
-                nsa_attention(q, k, v, config=NSAConfig(), gates=gates), (q, k, v, gates), do)
+            call = bench.nsa_calls(HQ, H, T)[1]
             call()
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -44,7 +35,7 @@ def main():
                 share = 100 * e.device_time_total / total
                 print(f"  {e.device_time_total / 1e3:8.2f} ms {share:5.1f}%"
                       f"  x{e.count:<3d} {e.key[:70]}")
-            del q, k, v, gates, do
+            del call  # and with it the inputs
             torch.cuda.empty_cache()
 
 

@@ -122,6 +122,20 @@ def ours(HQ: int, H: int, T: int) -> Tuple[float, float, Optional[float]]:
     return _timings(f, (q, k, v, gates), memory=True)
 
 
+def nsa_calls(HQ: int, H: int, T: int) -> Tuple[Callable[[], object], Callable[[], object]]:
+    """What the profiling scripts time at one shape: (the forward without autograd, forward +
+    backward) of nsa_attention on random inputs, all three branches, NSA defaults, learned-style
+    gates."""
+    q, k, v, gates = _grad(*inputs(HQ, H, T), torch.rand(1, HQ, T, 3, device="cuda", dtype=DT))
+    do = torch.randn_like(q)
+    cfg = NSAConfig()
+    fwd = lambda: nsa_attention(q.detach(), k.detach(), v.detach(), config=cfg,
+                                gates=gates.detach())
+    both = lambda: torch.autograd.grad(nsa_attention(q, k, v, config=cfg, gates=gates),
+                                       (q, k, v, gates), do)
+    return fwd, both
+
+
 MEASURE = dict(dense=dense, flex=flex, fla=fla, ours=ours)
 
 
