@@ -10,6 +10,7 @@ and the torch ops and CUDA API calls with the most CPU time (torch.profiler).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import time
@@ -23,16 +24,24 @@ from nsa_compile import bench
 CALLS, HOST_CALLS = 20, 4
 
 
+@contextlib.contextmanager
+def gpu_busy():
+    """Keeps the GPU busy with a sleep kernel while the block runs (~0.5 s of GPU time: far
+    more than HOST_CALLS calls queue), so the block's calls only queue their kernels."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    yield
+    torch.cuda.synchronize()
+
+
 def host_ms(fn, calls: int = HOST_CALLS) -> float:
-    """Median wall ms of `calls` calls of `fn` while the GPU is busy with a sleep kernel."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time: far more than the calls queue
+    """Median wall ms of `calls` calls of `fn` while the GPU is busy."""
     times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
+    with gpu_busy():
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -81,20 +90,17 @@ def main():
             if args.profile:
                 for name, fn in (("forward", fwd), ("forward+backward", both)):
                     prof = cProfile.Profile()
-                    torch.cuda._sleep(1_000_000_000)
-                    prof.enable()
-                    for _ in range(HOST_CALLS):
-                        fn()
-                    prof.disable()
-                    torch.cuda.synchronize()
+                    with gpu_busy():
+                        prof.enable()
+                        for _ in range(HOST_CALLS):
+                            fn()
+                        prof.disable()
                     print(f"\n{HQ}/{H} T={T} {name}: {HOST_CALLS} calls")
                     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-                    torch.cuda._sleep(1_000_000_000)
-                    with torch.profiler.profile(
+                    with gpu_busy(), torch.profiler.profile(
                             activities=[torch.profiler.ProfilerActivity.CPU]) as tprof:
                         for _ in range(HOST_CALLS):
                             fn()
-                    torch.cuda.synchronize()
                     print(tprof.key_averages().table(sort_by="self_cpu_time_total",
                                                      row_limit=30, max_name_column_width=60))
     print("\n| HQ/H | T | fwd host ms | fwd wall ms | fwd graph ms | fwd+bwd host ms | "
