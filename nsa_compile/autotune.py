@@ -7,8 +7,10 @@ versions (a file from other versions is stale and ignored with a warning, as is 
 and the kernel source hash of each kind (`source_hash(kind)`): editing one kernel drops only the
 entries that tuned it.
 Writes are atomic (temp file + rename). Lookup order: the user's cache, then the defaults shipped
-in `templates/tuned/`, then the nearest tuned length bucket, then `DEFAULTS`. Live tuning happens
-only in eager code, never while torch.compile traces or a CUDA graph is being captured.
+in `templates/tuned/`; on a miss, live tuning where allowed, else the nearest tuned length bucket,
+then the shipped defaults of another GPU of the same compute capability (`capability` in the
+header: an H200 untuned runs the H100's picks, not `DEFAULTS`), then `DEFAULTS`. Live tuning
+happens only in eager code, never while torch.compile traces or a CUDA graph is being captured.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -108,10 +110,27 @@ def source_hashes() -> Dict[str, str]:
     return {kind: source_hash(kind) for kind in sorted(KERNELS)}
 
 
+@functools.lru_cache(maxsize=None)
+def capability_of(device_name: str) -> Optional[Tuple[int, int]]:
+    """Compute capability of the visible CUDA device called `device_name`; None if there is
+    none."""
+    if not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        if torch.cuda.get_device_name(index) == device_name:
+            return tuple(torch.cuda.get_device_capability(index))
+    return None
+
+
 def header(device_name: str) -> Dict[str, str]:
+    """`capability` (not in VERSIONS: files without it still load) lets a GPU with no shipped
+    file of its own borrow this one's entries."""
     import triton
-    return {"format": FORMAT_VERSION, "device": device_name, "torch": torch.__version__,
-            "triton": triton.__version__, "source_hash": source_hashes()}
+    capability = capability_of(device_name)
+    return {"format": FORMAT_VERSION, "device": device_name,
+            "capability": None if capability is None else list(capability),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "source_hash": source_hashes()}
 
 
 def current_entries(head: Dict, entries: Dict[str, Dict]) -> Dict[str, Dict]:
@@ -197,6 +216,7 @@ def _write_json(path: Path, data: Dict) -> None:
 
 _caches: Dict[str, TuneCache] = {}
 _shipped: Dict[str, TuneCache] = {}
+_siblings: Dict[str, List[TuneCache]] = {}
 
 
 def user_cache(device_name: str) -> TuneCache:
@@ -210,6 +230,45 @@ def shipped_cache(device_name: str) -> TuneCache:
     if device_name not in _shipped:
         _shipped[device_name] = TuneCache(device_name, _shipped_path(device_name))
     return _shipped[device_name]
+
+
+def sibling_caches(device_name: str) -> List[TuneCache]:
+    """The shipped caches of other GPU models of `device_name`'s compute capability, in file
+    name order: the fallback for a GPU that has no tuned entry of its own."""
+    capability = capability_of(device_name)
+    if capability is None:
+        return []
+    if device_name in _siblings:
+        return _siblings[device_name]
+    out = _siblings[device_name] = []
+    own = header(device_name)
+    for path in sorted(SHIPPED.glob("*.json")):
+        if path == _shipped_path(device_name):
+            continue
+        try:
+            head = json.loads(path.read_text())["header"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a borrowed fallback is skipped silently, not warned about
+        if head.get("capability") == list(capability) and all(
+                head.get(k) == own[k] for k in VERSIONS if k != "device"):
+            out.append(shipped_cache(str(head["device"])))
+    return out
+
+
+def _borrowed(device_name: str, key: str) -> Optional[KernelConfig]:
+    """A sibling GPU's shipped entry for `key` (its nearest length bucket if need be)."""
+    for sibling in sibling_caches(device_name):
+        cfg = sibling.get(key) or sibling.nearest(key)
+        if cfg is not None:
+            _note_borrowed(device_name, sibling.device_name)
+            return cfg
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _note_borrowed(device_name: str, sibling: str) -> None:
+    log.info("no tuned block sizes for %s: using those shipped for %s (same compute "
+             "capability) until this GPU is tuned", device_name, sibling)
 
 
 def merge_into_shipped(paths: Iterable[Path]) -> Path:
@@ -262,7 +321,8 @@ def tuning_allowed() -> bool:
 
 def pick(device_name: str, kernel: str, key: str, candidates: Callable[[], list],
          bench: Callable[[KernelConfig], float]) -> KernelConfig:
-    """The block sizes for `key`: cached, shipped, tuned now (when allowed), or nearest/default."""
+    """The block sizes for `key`: cached, shipped, tuned now (when allowed), or else the
+    nearest length, a sibling GPU's shipped entry, the default."""
     cache, shipped = user_cache(device_name), shipped_cache(device_name)
     cfg = cache.get(key) or shipped.get(key)
     if cfg is not None:
@@ -277,7 +337,8 @@ def pick(device_name: str, kernel: str, key: str, candidates: Callable[[], list]
                 warnings.warn(f"nsa_compile: could not write the autotune cache {cache.path}: "
                               f"{exc}", RuntimeWarning, stacklevel=2)
             return cfg
-    return cache.nearest(key) or shipped.nearest(key) or DEFAULTS[kernel]
+    return (cache.nearest(key) or shipped.nearest(key) or _borrowed(device_name, key)
+            or DEFAULTS[kernel])
 
 
 def tune(candidates: list, bench: Callable[[KernelConfig], float]) -> Optional[KernelConfig]:

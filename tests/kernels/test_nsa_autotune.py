@@ -19,6 +19,7 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NSA_COMPILE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "_caches", {})
     monkeypatch.setattr(autotune, "_shipped", {})
+    monkeypatch.setattr(autotune, "_siblings", {})
     monkeypatch.setattr(autotune, "SHIPPED", tmp_path / "shipped")
     return tmp_path
 
@@ -135,6 +136,40 @@ def test_nearest_bucket_and_shipped_defaults(cache_dir, monkeypatch):
     assert autotune.pick(DEVICE, "win", near, lambda: [], None) == tuned
 
 
+def test_untuned_gpu_borrows_the_shipped_entries_of_its_compute_capability(cache_dir,
+                                                                           monkeypatch):
+    """An H200 with no shipped file of its own runs the H100's picks (same capability) when it
+    may not tune, not DEFAULTS; a GPU of another capability, or a sibling file of another
+    torch, lends nothing, and the GPU's own entries (any length) come first."""
+    monkeypatch.setenv("NSA_COMPILE_AUTOTUNE", "0")
+    sibling, other = "NVIDIA Sibling GPU", "NVIDIA Older GPU"
+    caps = {DEVICE: (9, 0), sibling: (9, 0), other: (8, 0)}
+    monkeypatch.setattr(autotune, "capability_of", lambda name: caps.get(name))
+    key = autotune.shape_key("win", torch.bfloat16, 128, 128, 4, NSA, 65536)
+    near = autotune.shape_key("win", torch.bfloat16, 128, 128, 4, NSA, 8192)
+    lent, own = KernelConfig(128, 128, 8, 3), KernelConfig(128, 32, 8, 1)
+    autotune.SHIPPED.mkdir()
+
+    def ship(name, **head):
+        (autotune.SHIPPED / f"{autotune.device_slug(name)}.json").write_text(json.dumps({
+            "header": {**autotune.header(name), **head},
+            "entries": {near: lent.to_dict()}}))
+
+    ship(sibling)
+    pick = lambda device: autotune.pick(device, "win", key, lambda: [], None)
+    assert pick(DEVICE) == lent  # the sibling's nearest bucket
+    assert pick(other) == DEFAULTS["win"]
+    autotune.shipped_cache(DEVICE).put(near, own)
+    assert pick(DEVICE) == own
+    monkeypatch.setattr(autotune, "_shipped", {})
+    monkeypatch.setattr(autotune, "_siblings", {})
+    ship(sibling, torch="0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stale sibling is passed over, not warned about
+        assert pick(DEVICE) == DEFAULTS["win"]
+    assert autotune.header(DEVICE)["capability"] == [9, 0]
+
+
 def test_cache_hit_launches_no_kernel(cache_dir, monkeypatch):
     """Regression: the tuner's scratch runs (lse, block indices) must happen only on a miss."""
     triton_fwd = pytest.importorskip("nsa_compile.kernels.nsa.triton_fwd")
@@ -160,6 +195,8 @@ def test_shipped_caches_are_current_format_and_in_their_spaces():
         data = json.loads(path.read_text())
         head = data["header"]
         assert head["format"] == autotune.FORMAT_VERSION
+        cap = head["capability"]  # a GPU of this capability with no file borrows this one
+        assert len(cap) == 2 and all(isinstance(x, int) for x in cap)
         assert set(head["source_hash"]) == set(autotune.KERNELS)
         assert path.name == autotune.device_slug(head["device"]) + ".json"
         for key, cfg in data["entries"].items():
