@@ -8,12 +8,22 @@ the K = len(orders) * heads rows are concatenated into e_t, and the block's inpu
     alpha_t = sigmoid(sign(s) * sqrt(|s|)),  s = <RMSNorm(h_t), RMSNorm(W_K e_t)> / sqrt(d_model).
 
 W_V and the conv start at zero, so inserting the module leaves the model's output unchanged.
+
+Incremental decoding: a call that continues a KV cache (`past_key_values` with cached
+positions) sees only the new tokens, but its n-grams and its conv reach back max(orders) - 1
+ids and 3 * max(orders) conv inputs. Each call that returns or fills a cache, other than a
+training step, leaves that context (`DecodeContext`) on the cache object itself, and the next
+call over the same cache reads it, so decoding step by step gives the full-sequence forward's
+output; beam search's `reorder_cache` reorders it with the cache. A cache whose length does
+not match its context (built without these hooks, by a training step, or cropped) is refused
+with a clear error.
 """
 from __future__ import annotations
 
 import math
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -114,6 +124,27 @@ def _multipliers(seed: int, layer: int, order: int, num_values: int) -> Tensor:
     return torch.randint(0, half, (order,), generator=gen, dtype=torch.int64) * 2 + 1
 
 
+@dataclass
+class DecodeContext:
+    """What one Engram needs from the positions before a call to continue a sequence.
+
+    ids: (B, <= max(orders) - 1) the last token ids; conv: (B, 3 * max(orders), d_model) the
+    last conv inputs (zeros before the sequence start), None without the conv; length: the
+    positions seen so far, which must equal the KV cache's length (None once a compiled call
+    has made the context: it is not checked then).
+    """
+
+    ids: Tensor
+    conv: Optional[Tensor]
+    length: Optional[int]
+
+    def select(self, rows: Tensor) -> "DecodeContext":
+        """The context of batch rows `rows` (beam search's reordering)."""
+        rows = rows.to(self.ids.device)
+        conv = None if self.conv is None else self.conv.index_select(0, rows)
+        return DecodeContext(self.ids.index_select(0, rows), conv, self.length)
+
+
 class Engram(nn.Module):
     """Hashed n-gram memory for one block.
 
@@ -159,9 +190,14 @@ class Engram(nn.Module):
             self.conv = nn.Conv1d(hidden_size, hidden_size, _CONV_KERNEL, groups=hidden_size,
                                   dilation=max(self.orders), bias=False)
             nn.init.zeros_(self.conv.weight)
-        # Token ids of the current forward call, set by the embedding's pre-hook; plain
-        # attribute (not a buffer), so it is never saved.
+        # Per forward call, set by the hooks of `nsa_compile.passes.engram`; plain attributes
+        # (not buffers), so they are never saved. _ids: the token ids the embedding received;
+        # _context: what came before them under a KV cache (None: a fresh sequence); _keep:
+        # leave this call's context in _next for the cache to carry to the next call.
         self._ids: Optional[Tensor] = None
+        self._context: Optional[DecodeContext] = None
+        self._keep = False
+        self._next: Optional[DecodeContext] = None
 
     @property
     def vocab_size(self) -> int:
@@ -213,7 +249,13 @@ class Engram(nn.Module):
             raise ValueError(f"Engram: token ids of shape {tuple(ids.shape)} do not match the "
                              f"hidden state {tuple(hidden.shape)}; expected (B, T) = "
                              f"{tuple(hidden.shape[:2])}")
-        e = self.lookup(ids)
+        ctx, T = self._context, ids.shape[1]
+        if ctx is not None and ctx.ids.shape[0] != ids.shape[0]:
+            raise ValueError(f"Engram: the KV cache holds {ctx.ids.shape[0]} sequences but this "
+                             f"call has {ids.shape[0]}")
+        # the earlier ids enter this call's n-grams; their own rows are dropped
+        full_ids = ids if ctx is None else torch.cat([ctx.ids.to(ids), ids], dim=1)
+        e = self.lookup(full_ids)[:, full_ids.shape[1] - T:]
         key = self.key_proj(e)
         value = self.value_proj(e)
         s = (self.norm_hidden(hidden) * self.norm_key(key)).sum(-1, keepdim=True)
@@ -221,10 +263,24 @@ class Engram(nn.Module):
         # clamp keeps d sqrt(|s|)/ds finite at s = 0
         alpha = torch.sigmoid(torch.sign(s) * s.abs().clamp_min(1e-6).sqrt())
         out = alpha * value
+        conv_in = None
         if self.conv is not None:
-            x = self.conv_norm(out).transpose(1, 2)
-            x = F.pad(x, ((_CONV_KERNEL - 1) * self.conv.dilation[0], 0))
-            out = out + F.silu(self.conv(x)).transpose(1, 2)
+            x = self.conv_norm(out)
+            reach = (_CONV_KERNEL - 1) * self.conv.dilation[0]
+            # the causal conv's left context: the earlier inputs, or zeros at the start
+            conv_in = (F.pad(x, (0, 0, reach, 0)) if ctx is None
+                       else torch.cat([ctx.conv.to(x), x], dim=1))
+            out = out + F.silu(self.conv(conv_in.transpose(1, 2))).transpose(1, 2)
+        if self._keep:
+            # under torch.compile an int carried from step to step is a guard that recompiles
+            # at every step: compiled calls neither count nor check the positions
+            past = 0 if ctx is None else ctx.length
+            length = None if past is None or torch.compiler.is_compiling() else past + T
+            # contiguous: one stride for every step, so a compiled model does not recompile
+            self._next = DecodeContext(
+                full_ids[:, max(0, full_ids.shape[1] - (max(self.orders) - 1)):].contiguous(),
+                None if conv_in is None else conv_in[:, conv_in.shape[1] - reach:].contiguous(),
+                length)
         return out
 
     def extra_repr(self) -> str:
@@ -286,16 +342,79 @@ class CaptureTokenIds:
             engram._ids = ids
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+# The attribute of a KV cache object that carries the Engram modules' DecodeContexts.
+_CONTEXT_ATTR = "_nsa_compile_engram"
+
+
+def _kv_cache(kwargs: dict, output: Any = None) -> Any:
+    """The call's KV cache: a kwarg or an output attribute with `get_seq_length` (transformers'
+    Cache classes), or None."""
+    found = [kwargs.get(name) for name in _CACHE_KWARGS]
+    found += [getattr(output, name, None) for name in _CACHE_KWARGS]
+    return next((c for c in found if hasattr(c, "get_seq_length")), None)
+
+
 class ForgetTokenIds:
     """Forward pre-hook of the root model: drops the previous call's ids, so a call without
-    token ids (inputs_embeds) fails clearly instead of reading stale ones."""
+    token ids (inputs_embeds) fails clearly instead of reading stale ones, and hands each
+    Engram the context its KV cache carries (`DecodeContext`) when the call continues one."""
 
     def __init__(self, engrams: Sequence[Engram]):
         self.engrams = list(engrams)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = _kv_cache(kwargs)
+        past = 0 if cache is None else int(cache.get_seq_length())
+        contexts = [None] * len(self.engrams)
+        if past:
+            contexts = getattr(cache, _CONTEXT_ATTR, None)
+            counted = contexts is not None and not torch.compiler.is_compiling()
+            if contexts is None or (counted and any(c.length not in (None, past)
+                                                    for c in contexts)):
+                held = "none" if contexts is None else f"{contexts[0].length} positions"
+                raise RuntimeError(
+                    f"Engram: this call continues a KV cache of {past} positions, but the "
+                    f"cache carries Engram's context for {held}. Engram's n-grams need the "
+                    "earlier token ids: fill the cache through this model in eval mode or "
+                    "under torch.no_grad() (as generate() does), and do not crop it")
+        # a training step leaves no context behind (its output's cache is never continued)
+        keep = not (module.training and torch.is_grad_enabled())
+        for engram, context in zip(self.engrams, contexts):
+            engram._ids, engram._context, engram._keep, engram._next = None, context, keep, None
+
+
+class KeepDecodeContext:
+    """Forward hook of the root model: stores the Engram modules' contexts of this call on
+    its KV cache (found in the kwargs or the output), for the call that continues it."""
+
+    def __init__(self, engrams: Sequence[Engram]):
+        self.engrams = list(engrams)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        contexts = [engram._next for engram in self.engrams]
         for engram in self.engrams:
-            engram._ids = None
+            engram._context, engram._next = None, None
+        cache = _kv_cache(kwargs, output)
+        if cache is None or any(c is None for c in contexts):
+            return
+        if not hasattr(cache, _CONTEXT_ATTR) and hasattr(cache, "reorder_cache"):
+            _reorder_with_cache(cache)
+        setattr(cache, _CONTEXT_ATTR, contexts)
+
+
+def _reorder_with_cache(cache: Any) -> None:
+    """Makes beam search's `cache.reorder_cache(beam_idx)` reorder the Engram contexts too."""
+    reorder = cache.reorder_cache
+
+    def reorder_cache(beam_idx: Tensor, *args, **kwargs):
+        out = reorder(beam_idx, *args, **kwargs)
+        contexts = getattr(cache, _CONTEXT_ATTR, None)
+        if contexts is not None:
+            setattr(cache, _CONTEXT_ATTR, [c.select(beam_idx) for c in contexts])
+        return out
+
+    cache.reorder_cache = reorder_cache
 
 
 class AddEngram:

@@ -11,11 +11,10 @@ pre-hook that adds Engram's output to the hidden state it receives; the embeddin
 pre-hook that hands the token ids to the Engram modules, and the root a pre-hook that forgets
 the previous call's ids. No global state; `torch.compile(fullgraph=True)` traces the hooks.
 
-Limits: Engram sees the ids of one forward call. Under incremental decoding with a KV cache the
-embedding receives only the new tokens, so n-grams that reach back past the step use the pad
-id and the conv has no history: the output differs from a full-sequence forward (a cache of
-the last max(orders)-1 ids and conv inputs per layer is the missing piece). Left padding in a
-batch enters the n-grams as ordinary tokens.
+Under incremental decoding the embedding receives only the new tokens: a root forward hook
+leaves each Engram's context (its last ids and conv inputs) on the KV cache, and the root
+pre-hook hands it back when the next call continues that cache (`modules.engram`). Left padding
+in a batch enters the n-grams as ordinary tokens.
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ import torch
 from torch import nn
 
 from ..config import EngramConfig
-from ..modules.engram import (AddEngram, CaptureTokenIds, Engram, ForgetTokenIds, canonical_ids,
-                              find_hidden, find_token_ids)
+from ..modules.engram import (AddEngram, CaptureTokenIds, Engram, ForgetTokenIds,
+                              KeepDecodeContext, canonical_ids, find_hidden, find_token_ids)
 from .report import Site
 from .trace import _no_hf_cache, normalize_inputs, trace_model
 
@@ -271,4 +270,5 @@ def apply_engram(model: nn.Module, config: EngramConfig, example_inputs: Any = N
         CaptureTokenIds(engrams), with_kwargs=True)
     # prepend: when the root is also the embedding's owner, forget before capturing
     model.register_forward_pre_hook(ForgetTokenIds(engrams), with_kwargs=True, prepend=True)
+    model.register_forward_hook(KeepDecodeContext(engrams), with_kwargs=True)
     return _sites(plan, config)
