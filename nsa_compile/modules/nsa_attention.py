@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..config import NSAConfig
-from ..ops import nsa_attention
+from ..ops import nsa_attention, nsa_attention_decode
 from .compressor import Compressor
 from .gate import BranchGate
 
@@ -41,6 +41,20 @@ class NSAAttention(nn.Module):
                                    from_hidden=hidden_size is not None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden: Optional[Tensor] = None) -> Tensor:
+        return nsa_attention(q, k, v, config=self.config, scale=self.scale,
+                             **self._op_inputs(q, k, v, hidden))
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor,
+               hidden: Optional[Tensor] = None) -> Tensor:
+        """The output at the last Tq positions only (decoding with a KV cache, no gradient):
+        q (B, HQ, Tq, Dk) against k (B, H, T, Dk), v (B, H, T, Dv); hidden (B, Tq, hidden_size).
+        Equals forward() over the whole sequence at those positions."""
+        return nsa_attention_decode(q, k, v, config=self.config, scale=self.scale,
+                                    **self._op_inputs(q, k, v, hidden))
+
+    def _op_inputs(self, q: Tensor, k: Tensor, v: Tensor, hidden: Optional[Tensor]) -> dict:
+        """The op's learned inputs: compressed keys/values over all of k/v, and the gates of
+        the queries (or of `hidden`)."""
         k_cmp = self.k_compress(k) if hasattr(self, "k_compress") else None
         v_cmp = self.v_compress(v) if hasattr(self, "v_compress") else None
         gates = None
@@ -52,8 +66,7 @@ class NSAAttention(nn.Module):
                 gates = self.gate(hidden)
             else:
                 gates = self.gate(q)
-        return nsa_attention(q, k, v, config=self.config, gates=gates, k_cmp=k_cmp,
-                             v_cmp=v_cmp, scale=self.scale)
+        return dict(gates=gates, k_cmp=k_cmp, v_cmp=v_cmp)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

@@ -75,6 +75,10 @@ def nsa_causal(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor, kp: Optional[
     real ones, so each real token sees exactly the real tokens before it, in order."""
     B, HQ, Tq, D = q.shape
     Tk = k.shape[2]
+    if Tq < Tk and not torch.is_grad_enabled():
+        out = _decode(nsa, q, k, v, kp)
+        if out is not None:
+            return out
     if Tq < Tk:
         q = torch.cat([q.new_zeros(B, HQ, Tk - Tq, D), q], dim=2)
     if kp is None:
@@ -85,6 +89,27 @@ def nsa_causal(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor, kp: Optional[
         out = nsa(_gather_time(q, order), _gather_time(k, order), _gather_time(v, order))
         out = _gather_time(out, inverse)
     return out[:, :, Tk - Tq:] if Tq < Tk else out
+
+
+def _decode(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor,
+            kp: Optional[Tensor]) -> Optional[Tensor]:
+    """The last Tq queries alone (`NSAAttention.decode`: cost Tq·Tk, not Tk²), or None where
+    that does not apply: padding that is not a prefix of each row (left padding, as batched
+    generation makes), or any padding under torch.compile (the check reads the mask)."""
+    if kp is None:
+        return nsa.decode(q, k, v)
+    if torch.compiler.is_compiling():
+        return None
+    Tq = q.shape[2]
+    if not bool((kp[:, 1:] >= kp[:, :-1]).all() & kp[:, -Tq:].all()):
+        return None
+    # each row's real keys are a suffix: decode a row over them alone (all rows at once
+    # where they have the same padding)
+    starts = (~kp).sum(dim=1).tolist()
+    if len(set(starts)) == 1:
+        return nsa.decode(q, k[:, :, starts[0]:], v[:, :, starts[0]:])
+    return torch.cat([nsa.decode(q[b:b + 1], k[b:b + 1, :, s:], v[b:b + 1, :, s:])
+                      for b, s in enumerate(starts)])
 
 
 def route(module: nn.Module, plan: SitePlan, q: Tensor, k: Tensor, v: Tensor,

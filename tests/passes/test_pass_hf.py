@@ -6,6 +6,7 @@ import torch
 
 import nsa_compile
 from nsa_compile import NSAConfig
+from nsa_compile.modules import NSAAttention
 from zoo.hf import FAMILIES, IMPLS, VOCAB, kv_heads_of, tiny_hf
 from zoo.nanogpt import GPT, GPTConfig
 
@@ -91,6 +92,37 @@ def test_hf_generate_with_cache_matches_dense(impl):
     ref = model.generate(**kw)
     _quiet_sparsify(model, DENSE)
     out = model.generate(**kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("left_pad", [False, True], ids=["unpadded", "left-padded"])
+def test_hf_generate_with_cache_matches_without_under_sparse_nsa(left_pad):
+    """With a sparse NSA (every branch, blocks shorter than the prompt), decoding with a KV
+    cache takes the last-positions path (`NSAAttention.decode`) and must reproduce decoding
+    without a cache, which reruns the whole sequence through the op at every step."""
+    torch.manual_seed(0)
+    model = tiny_hf("llama", "sdpa")
+    _quiet_sparsify(model, LEARNED)
+    for m in model.modules():  # gates that differ per branch and position
+        if isinstance(m, NSAAttention):
+            torch.nn.init.normal_(m.gate.proj.weight, std=0.5)
+    ids = _ids(T=14)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        mask[0, :4] = 0
+        ids[0, :4] = 0
+    calls = []
+    decode = NSAAttention.decode
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(use_cache=False, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NSAAttention, "decode",
+                   lambda *a, **k: calls.append(1) or decode(*a, **k))
+        out = model.generate(use_cache=True, **kw)
+    assert calls  # the cached steps went through the decode path
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         assert _rel(a, b) < 1e-4

@@ -233,15 +233,17 @@ def _upcast(*xs: Optional[Tensor]):
 def nsa_attention_ref(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                       k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
                       chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Forward. q (B, HQ, T, Dk), k (B, H, T, Dk), v (B, H, T, Dv), gates (B, HQ, T, nb) or None,
-    k_cmp (B, H, Tc, Dk), v_cmp (B, H, Tc, Dv). Returns (B, HQ, T, Dv) in q's dtype."""
-    T = q.shape[2]
+    """Forward. q (B, HQ, Tq, Dk), k (B, H, T, Dk), v (B, H, T, Dv), gates (B, HQ, Tq, nb) or
+    None, k_cmp (B, H, Tc, Dk), v_cmp (B, H, Tc, Dv). Tq <= T: the queries are the last Tq
+    positions (Tq < T: decoding with a KV cache; the op itself has Tq == T). Returns
+    (B, HQ, Tq, Dv) in q's dtype."""
+    Tq, offset = q.shape[2], k.shape[2] - q.shape[2]
     q32, k32, v32, g32, kc32, vc32 = _upcast(q, k, v, gates, k_cmp, v_cmp)
     outs = []
     with torch.no_grad():
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            parts = chunk_parts(q32[:, :, t0:t1], t0, k32, v32, kc32, vc32, params)
+        for t0 in range(0, Tq, chunk):
+            t1 = min(Tq, t0 + chunk)
+            parts = chunk_parts(q32[:, :, t0:t1], offset + t0, k32, v32, kc32, vc32, params)
             parts.pop("block_idx", None)
             outs.append(combine(parts, None if g32 is None else g32[:, :, t0:t1], params))
     if not outs:

@@ -1,0 +1,47 @@
+"""`ops.nsa_attention_decode`: the last Tq positions alone (decoding with a KV cache) equal the
+whole-sequence op at those positions, for every branch set, GQA group, Dk != Dv and lengths
+around the block sizes; bad inputs and gradients are refused."""
+import pytest
+import torch
+
+from nsa_compile.kernels.nsa.naive import mean_pool
+from nsa_compile.ops import nsa_attention, nsa_attention_decode
+
+from .test_nsa_reference import BRUTE_CASES, TOL, make_inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("Tq", [1, 3, "all"])
+@pytest.mark.parametrize("T", [1, 15, 63, 111])
+@pytest.mark.parametrize("case", BRUTE_CASES.values(), ids=BRUTE_CASES.keys())
+def test_last_positions_equal_the_whole_sequence(case, T, Tq, dtype):
+    cfg, B, HQ, H, Dk, Dv, given_cmp = case
+    Tq = T if Tq == "all" else min(Tq, T)
+    nb = len(cfg.branches) if cfg.fixed_gates is None else 0
+    q, k, v, gates = [None if x is None else x.detach()
+                      for x in make_inputs(B, HQ, H, T, Dk, Dv, dtype, gates=nb, seed=T)]
+    l, d = cfg.compress_block, cfg.compress_stride
+    # given compressed keys differ from the mean: a decode that re-pooled them would show
+    kw = (dict(k_cmp=mean_pool(k, l, d) * 1.5, v_cmp=mean_pool(v, l, d) - 0.25) if given_cmp
+          else {})
+    full = nsa_attention(q, k, v, config=cfg, gates=gates, **kw)
+    with torch.no_grad():
+        out = nsa_attention_decode(q[:, :, T - Tq:].clone(), k, v, config=cfg,
+                                   gates=None if gates is None else gates[:, :, T - Tq:], **kw)
+    assert out.shape == (B, HQ, Tq, Dv)
+    torch.testing.assert_close(out, full[:, :, T - Tq:], **TOL[dtype])
+
+
+def test_bad_inputs_and_gradients_are_refused():
+    cfg, B, HQ, H, Dk, Dv, _ = BRUTE_CASES["three-branches-learned"]
+    q, k, v, gates = make_inputs(B, HQ, H, 20, Dk, Dv, torch.float32, gates=3)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        nsa_attention_decode(q[:, :, -1:], k, v, config=cfg, gates=gates[:, :, -1:])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="21 queries but only 20 keys"):
+            nsa_attention_decode(torch.cat([q, q[:, :, :1]], 2), k, v, config=cfg,
+                                 gates=torch.cat([gates, gates[:, :, :1]], 2))
+        with pytest.raises(ValueError, match="gates has shape"):
+            nsa_attention_decode(q[:, :, -1:], k, v, config=cfg, gates=gates)
+        with pytest.raises(ValueError, match="v must match k"):
+            nsa_attention_decode(q[:, :, -1:], k, v[:, :, 1:], config=cfg, gates=gates[:, :, -1:])
