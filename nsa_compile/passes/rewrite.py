@@ -93,9 +93,10 @@ def nsa_causal(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor, kp: Optional[
 
 def _decode(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor,
             kp: Optional[Tensor]) -> Optional[Tensor]:
-    """The last Tq queries alone (`NSAAttention.decode`: cost Tq·Tk, not Tk²), or None where
-    that does not apply: padding that is not a prefix of each row (left padding, as batched
-    generation makes), or any padding under torch.compile (the check reads the mask)."""
+    """The last Tq queries alone (`NSAAttention.decode`: cost Tq·Tk, not Tk²), with no key
+    padding or with each row's padding a prefix (the left padding of batched generation).
+    None, for the caller's padded path, where the padding lies elsewhere or under
+    torch.compile with any padding (the check reads the mask on the host)."""
     if kp is None:
         return nsa.decode(q, k, v)
     if torch.compiler.is_compiling():
