@@ -393,8 +393,8 @@ class KeepDecodeContext:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         contexts = [engram._next for engram in self.engrams]
-        for engram in self.engrams:
-            engram._context, engram._next = None, None
+        for engram in self.engrams:  # a direct Engram call after this one starts clean
+            engram._context, engram._keep, engram._next = None, False, None
         cache = _kv_cache(kwargs, output)
         if cache is None or any(c is None for c in contexts):
             return
