@@ -3,7 +3,8 @@
 Question: what does a KV-cache step cost now that the rewrite sends it through
 `NSAAttention.decode` (the last positions only, cost ~T) instead of padding the queries to the
 cache's length and running the whole-sequence op (cost ~T^2, what every step paid before)?
-Both are timed in one process on the same inputs, each checked against the other. Shapes:
+Both are timed in one process on the same inputs, each checked against the other, and so is
+dense attention's step (SDPA of the one query over all T keys) for scale. Shapes:
 B=1, HQ=8, H=2, D=64, default NSAConfig (32/16/64/16/512), learned gates and MLP compressors
 as `sparsify` inserts them; fp32 on CPU, bf16 on a GPU.
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from nsa_compile import NSAConfig
 from nsa_compile.modules import NSAAttention
@@ -47,18 +49,21 @@ def main(lengths) -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "CPU"
     print(f"{name} | torch {torch.__version__} | commit {commit} | {dtype} | B={B} "
           f"HQ/H={HQ}/{H} D={D} | NSAConfig() | median of 3 after a warm-up\n")
-    print("| T | padded whole-sequence op (ms) | decode (ms) | speed-up | max abs diff |")
-    print("|---|---|---|---|---|")
+    print("| T | padded whole-sequence op (ms) | decode (ms) | speed-up | max abs diff | "
+          "dense SDPA step (ms) | decode vs dense |")
+    print("|---|---|---|---|---|---|---|")
     for T in lengths:
         q = torch.randn(B, HQ, 1, D, device=dev, dtype=dtype)
         k = torch.randn(B, H, T, D, device=dev, dtype=dtype)
         v = torch.randn(B, H, T, D, device=dev, dtype=dtype)
         padded = lambda: nsa(torch.cat([q.new_zeros(B, HQ, T - 1, D), q], dim=2), k, v)[:, :, -1:]
         step = lambda: nsa.decode(q, k, v)
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         with torch.no_grad():
             diff = (padded().float() - step().float()).abs().max().item()
-            old, new = _median_s(padded, 3), _median_s(step, 3)
-        print(f"| {T} | {old * 1e3:.1f} | {new * 1e3:.2f} | {old / new:.0f}x | {diff:.1e} |")
+            old, new, base = _median_s(padded, 3), _median_s(step, 3), _median_s(dense, 10)
+        print(f"| {T} | {old * 1e3:.1f} | {new * 1e3:.2f} | {old / new:.0f}x | {diff:.1e} | "
+              f"{base * 1e3:.3f} | {base / new:.2f}x |")
 
 
 if __name__ == "__main__":
