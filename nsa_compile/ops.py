@@ -84,11 +84,7 @@ def nsa_attention(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
     # The forward keeps what the fast backward reads only when a gradient will be asked for.
     save = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, gates, k_cmp, v_cmp))
-    return _op.nsa_fwd(
-        q, k, v, gates, k_cmp, v_cmp, params.compress_block, params.compress_stride,
-        params.select_block, params.select_count, params.select_initial, params.select_local,
-        params.window, [params.has_cmp, params.has_slc, params.has_win],
-        list(params.fixed_gates), params.scale, save)[0]
+    return _op.nsa_fwd(q, k, v, gates, k_cmp, v_cmp, *_op_args(params), save)[0]
 
 
 def nsa_attention_decode(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
@@ -101,8 +97,9 @@ def nsa_attention_decode(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
     (B, H, T, Dv); gates: (B, HQ, Tq, len(config.branches)) or None; k_cmp/v_cmp as in
     `nsa_attention` (over all T keys). Returns (B, HQ, Tq, Dv), equal to
     `nsa_attention` over the whole sequence at those positions, at a cost that grows with Tq·T
-    instead of T² (the reference's chunked queries, on any device). Not differentiable: it is
-    for inference; `nsa_attention` on the padded queries gives gradients.
+    instead of T² (`nsa_compile::nsa_decode`: on CUDA the Triton decoding kernels, elsewhere the
+    reference's chunked queries). Not differentiable: it is for inference; `nsa_attention` on
+    the padded queries gives gradients.
     """
     T = k.shape[2] if k.dim() == 4 else 0
     params = _validate(q, k, v, config, gates, scale, T)
@@ -114,5 +111,13 @@ def nsa_attention_decode(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
         raise RuntimeError("nsa_attention_decode is not differentiable; call it under "
                            "torch.no_grad(), or nsa_attention for gradients")
     k_cmp, v_cmp = _compressed(k, v, k_cmp, v_cmp, config, params, q.dtype)
-    return naive.nsa_attention_ref(q, k, v, None if gates is None else gates.to(q.dtype),
-                                   k_cmp, v_cmp, params)
+    return _op.nsa_decode(
+        q, k, v, None if gates is None else gates.to(q.dtype), k_cmp, v_cmp, *_op_args(params))
+
+
+def _op_args(params: NSAParams) -> tuple:
+    """The NSA parameters as the ops' schemas take them (after the tensors)."""
+    return (params.compress_block, params.compress_stride, params.select_block,
+            params.select_count, params.select_initial, params.select_local, params.window,
+            [params.has_cmp, params.has_slc, params.has_win], list(params.fixed_gates),
+            params.scale)

@@ -29,3 +29,21 @@ def test_decode_matches_the_whole_sequence_reference(T, G, Tq):
                                    gates=gates[:, :, T - Tq:], k_cmp=kc, v_cmp=vc)
     assert out.dtype == dt and out.shape == (1, G * H, Tq, D)
     assert ((out.float() - full).norm() / full.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("T,B,G,D", [(4096, 1, 4, 64), (4096, 1, 4, 256), (65536, 2, 16, 128),
+                                     (65536, 8, 4, 128)])
+def test_decode_long_cache_and_head_dims(T, B, G, D):
+    """Many compressed-key splits and selection blocks (64k: 1024 of them), D 64 to 256."""
+    torch.manual_seed(T + G + D)
+    H, dev, dt = 2, "cuda", torch.bfloat16
+    q = torch.randn(B, G * H, 1, D, device=dev, dtype=dt)
+    k, v = (torch.randn(B, H, T, D, device=dev, dtype=dt) for _ in range(2))
+    gates = torch.rand(B, G * H, 1, 3, device=dev, dtype=dt)
+    cfg = NSAConfig()
+    p = NSAParams.from_config(cfg, D ** -0.5)
+    kc, vc = naive.mean_pool(k, 32, 16), naive.mean_pool(v, 32, 16)
+    want = naive.nsa_attention_ref(q, k, v, gates, kc, vc, p).float()
+    with torch.no_grad():
+        out = nsa_attention_decode(q, k, v, config=cfg, gates=gates, k_cmp=kc, v_cmp=vc)
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2

@@ -72,10 +72,10 @@ def _job(kernel, args, kwargs) -> dict:
 
 
 def _record_launches(monkeypatch, tma: bool) -> list:
-    from nsa_compile.kernels.nsa import triton_bwd, triton_fwd
+    from nsa_compile.kernels.nsa import triton_bwd, triton_decode, triton_fwd
     monkeypatch.setenv("NSA_COMPILE_TMA", "1" if tma else "0")
     launches = []
-    for module in (triton_fwd, triton_bwd):
+    for module in (triton_fwd, triton_bwd, triton_decode):
         for name, obj in list(vars(module).items()):
             if name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, _Recorder(obj, launches))
@@ -85,6 +85,11 @@ def _record_launches(monkeypatch, tma: bool) -> list:
     for cfg, configs in ((NSAConfig(**nsa), None),
                          (NSAConfig(**nsa, gate=(0.5, 1.0, 0.25)), ref.GPU_ORDERS["blocks"])):
         _forward_backward(*_inputs(1, 6, 2, 150, 64, 64, cfg, torch.float16), configs=configs)
+    from tests.kernels.test_nsa_triton_decode import _inputs as decode_inputs
+    for cfg in (NSAConfig(**nsa), NSAConfig(**{**nsa, "window": None}, gate=(1.0, 1.0),
+                                            branches=("selected", "window"))):
+        triton_decode.nsa_decode_cuda(*decode_inputs(1, 6, 2, 150, 2, 64, 64, cfg,
+                                                     torch.float16))
     return launches
 
 
@@ -97,7 +102,9 @@ def test_every_kernel_launch_compiles_for_hopper(tma, monkeypatch, tmp_path):
     assert {"nsa_cmp_fwd_kernel", "nsa_select_kernel", "nsa_slc_fwd_kernel",
             "nsa_slc_fwd_blocks_kernel", "nsa_win_fwd_kernel", "nsa_dense_bwd_dq_kernel",
             "nsa_dense_bwd_dkdv_kernel", "nsa_slc_bwd_dq_kernel",
-            "nsa_slc_bwd_dkdv_kernel"} <= {job["kernel"] for job in jobs.values()}
+            "nsa_slc_bwd_dkdv_kernel", "nsa_decode_cmp_kernel", "nsa_decode_select_kernel",
+            "nsa_decode_attend_kernel", "nsa_decode_combine_kernel"} <= {
+                job["kernel"] for job in jobs.values()}
     if tma:
         assert any("tensordesc" in str(job["signature"]) for job in jobs.values())
     path = tmp_path / "jobs.json"

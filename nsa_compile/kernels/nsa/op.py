@@ -35,11 +35,16 @@ def _triton_path(q: Tensor, v: Tensor, params: NSAParams) -> bool:
     if q.device.type != "cuda":
         return False
     reason = supported(params, q.shape[-1], v.shape[-1])
-    if reason is not None and reason not in _warned:
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using the PyTorch reference "
-                      "(slow)", RuntimeWarning, stacklevel=4)
-    return reason is None
+                      "(slow)", RuntimeWarning, stacklevel=5)
 
 
 def _residual_shapes(q: Tensor, k: Tensor, v: Tensor, params: NSAParams, save: bool):
@@ -149,3 +154,32 @@ def _backward(ctx, grad_out, *_residual_grads):
 
 
 nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nsa_compile::nsa_decode", mutates_args=())
+def nsa_decode(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
+               v_cmp: Optional[Tensor], compress_block: int, compress_stride: int,
+               select_block: int, select_count: int, select_initial: int, select_local: int,
+               window: int, branches: List[bool], fixed_gates: List[float],
+               scale: float) -> Tensor:
+    """The forward at the last q.shape[2] positions of k's sequence (decoding with a KV cache);
+    no autograd."""
+    p = _params(compress_block, compress_stride, select_block, select_count, select_initial,
+                select_local, window, branches, fixed_gates, scale)
+    return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, p)
+
+
+@nsa_decode.register_kernel("cuda")
+def _nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
+    params = _params(*args)
+    from .triton_decode import decode_supported, nsa_decode_cuda
+    reason = decode_supported(params, k.shape[2], q.shape[-1], v.shape[-1])
+    if reason is not None:
+        _warn_once(reason)
+        return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, params)
+    return nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, params)
+
+
+@nsa_decode.register_fake
+def _nsa_decode_fake(q, k, v, *args):
+    return q.new_empty(*q.shape[:3], v.shape[-1])

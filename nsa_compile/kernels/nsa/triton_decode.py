@@ -1,0 +1,125 @@
+"""Launcher of the Triton NSA decoding kernels (templates/nsa_decode.py): the last Tq queries
+of a sequence against its KV cache, the CUDA path of `ops.nsa_attention_decode`.
+
+Decoding is memory-bound (a handful of queries per KV head), so the block sizes are fixed, not
+tuned: 64 keys per tile, and as many compressed-key splits as it takes to give every SM a few
+programs (flash-decoding). The scratch of partial softmaxes is fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from ...templates.nsa_decode import (nsa_decode_attend_kernel, nsa_decode_cmp_kernel,
+                                     nsa_decode_combine_kernel, nsa_decode_select_kernel)
+from .inverted import sms
+from .params import NSAParams, num_selection_blocks, supported
+from .triton_fwd import launch_geometry
+
+BLOCK_N, WARPS = 64, 4
+# The selection keeps one importance per selection block of the sequence in registers.
+MAX_SELECTION_BLOCKS = 4096
+# Compressed-key splits: at least this many programs per SM, each at least one tile.
+PROGRAMS_PER_SM = 4
+LOG2E = 1.4426950408889634
+
+
+def _pow2(x: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(x))
+
+
+def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
+    """None when the Triton decoding kernels handle this call, else the reason they do not."""
+    reason = supported(params, dk, dv)
+    if reason is None and params.has_slc and (
+            num_selection_blocks(T, params.select_block) > MAX_SELECTION_BLOCKS):
+        reason = (f"decoding over more than {MAX_SELECTION_BLOCKS} selection blocks "
+                  f"(T = {T} > {MAX_SELECTION_BLOCKS * params.select_block})")
+    return reason
+
+
+def compressed_split(Tc: int, programs: int, device: torch.device) -> int:
+    """Compressed keys per split: a multiple of BLOCK_N giving `programs` (B·H·Tq) times the
+    splits at least PROGRAMS_PER_SM programs per SM where Tc allows."""
+    splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms(device), max(programs, 1)))
+    return triton.cdiv(max(triton.cdiv(Tc, splits), 1), BLOCK_N) * BLOCK_N
+
+
+def nsa_decode_cuda(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                    k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
+                    split: Optional[int] = None) -> Tensor:
+    """q: (B, HQ, Tq, Dk) at positions T - Tq … T - 1 of k: (B, H, T, Dk), v: (B, H, T, Dv);
+    gates (B, HQ, Tq, n_branches) or None; k_cmp/v_cmp (B, H, Tc, D) or None for absent
+    branches. Returns (B, HQ, Tq, Dv) in q's dtype. split: compressed keys per split (a
+    multiple of 64; default `compressed_split`)."""
+    return decode_with_blocks(q, k, v, gates, k_cmp, v_cmp, params, split)[0]
+
+
+def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
+                       k_cmp: Optional[Tensor], v_cmp: Optional[Tensor], params: NSAParams,
+                       split: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """`nsa_decode_cuda` and the chosen blocks (B, H, Tq, n) int32, -1 past the last (None
+    without the selected branch)."""
+    B, H, Tq, G, fixed, common, gstr = launch_geometry(q, k, v, gates, params)
+    T, DV, dev = k.shape[2], v.shape[-1], q.device
+    o = torch.empty(B, q.shape[1], Tq, DV, device=dev, dtype=q.dtype)
+    if o.numel() == 0:
+        return o, None
+    G_PAD, DV_PAD = _pow2(G, 16), common["DV_PAD"]
+    qk_scale = params.scale * LOG2E
+    Tc = k_cmp.shape[2] if params.needs_cmp else 0
+    split = split or compressed_split(Tc, B * H * Tq, dev)
+    n_splits = triton.cdiv(Tc, split) if params.needs_cmp else 0
+    lp, n_sel = params.select_block, params.select_count
+    n_slc = n_sel if params.has_slc else 0
+    seg = lp if params.has_slc else BLOCK_N
+    span = min(params.window or T, T)
+    n_win = triton.cdiv(span, seg) if params.has_win else 0
+    n_parts = n_splits + n_slc + n_win
+    pm = torch.empty(B * H, Tq, n_parts, G_PAD, device=dev, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(B * H, Tq, n_parts, G_PAD, DV_PAD, device=dev, dtype=torch.float32)
+    n_sel_pad = _pow2(n_sel)
+    idx = torch.empty(B * H, Tq, n_sel_pad, device=dev, dtype=torch.int32)
+    scores = torch.empty(B * H, Tq, G, Tc if params.has_slc else 0, device=dev,
+                         dtype=torch.float32)
+    geometry = dict(H=H, G=G, G_PAD=G_PAD, DK=common["DK"], DK_PAD=common["DK_PAD"], DV=DV,
+                    DV_PAD=DV_PAD)
+    kc = k_cmp if k_cmp is not None else k
+    vc = v_cmp if v_cmp is not None else kc
+    if n_splits:
+        nsa_decode_cmp_kernel[(B * H, Tq, n_splits)](
+            q, kc, vc, scores, pm, pl, pacc, T, Tq, Tc, n_parts, split, *q.stride(),
+            *kc.stride(), *vc.stride(), qk_scale, L=params.compress_block,
+            D_STRIDE=params.compress_stride, BLOCK_N=BLOCK_N, N_TILES=split // BLOCK_N,
+            HAS_CMP=params.has_cmp, HAS_SLC=params.has_slc, num_warps=WARPS, **geometry)
+    if params.has_slc:
+        r, qc = params.compress_block // params.compress_stride, lp // params.compress_stride
+        nsa_decode_select_kernel[(B * H, Tq)](
+            scores, pm, pl, idx, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
+            L=params.compress_block, D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel,
+            N_SEL_PAD=n_sel_pad, INITIAL=params.select_initial, LOCAL=params.select_local,
+            NS_PAD=_pow2(num_selection_blocks(T, lp)), U_PAD=_pow2(qc + r - 1),
+            num_warps=WARPS)
+    if n_slc + n_win:
+        nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
+            q, k, v, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, *q.stride(), *k.stride(),
+            *v.stride(), qk_scale, SEG=seg, BLOCK_N=min(BLOCK_N, _pow2(seg, 16)),
+            N_TILES=triton.cdiv(seg, min(BLOCK_N, _pow2(seg, 16))), N_SLC=n_slc,
+            N_SEL_PAD=n_sel_pad, WINDOW=params.window if params.has_win else 0,
+            num_warps=WARPS, **geometry)
+    present = [b for b, on in zip(("compressed", "selected", "window"),
+                                  (params.has_cmp, params.has_slc, params.has_win)) if on]
+    weights = dict(zip(present, fixed))
+    nsa_decode_combine_kernel[(B * H, Tq)](
+        pm, pl, pacc, gates if gates is not None else o, o, Tq, n_parts, n_splits, n_win,
+        *o.stride(), *gstr, weights.get("compressed", 0.0), weights.get("selected", 0.0),
+        weights.get("window", 0.0), H=H, G=G, G_PAD=G_PAD, DV=DV, DV_PAD=DV_PAD, N_SLC=n_slc,
+        HAS_CMP=params.has_cmp, HAS_WIN=params.has_win, HAS_GATES=gates is not None,
+        SLOT_SLC=present.index("selected") if params.has_slc else 0,
+        SLOT_WIN=present.index("window") if params.has_win else 0, num_warps=WARPS)
+    blocks = idx.view(B, H, Tq, n_sel_pad)[..., :n_sel] if params.has_slc else None
+    return o, blocks

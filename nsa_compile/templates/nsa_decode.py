@@ -1,0 +1,259 @@
+"""Triton kernels of NSA decoding: the last Tq queries of a sequence against a KV cache of T keys.
+
+Flash-decoding in four launches. A program owns one KV head and one query position (a
+`row` r of the Tq new queries, at position t = T - Tq + r); its G_PAD rows are the GQA group's
+query heads, so each key is read once for the whole group. The work of one position is cut into
+*parts*, each a partial softmax (max m, sum l, unnormalised output acc) over a slice of keys:
+  1. `nsa_decode_cmp_kernel`: the compressed keys in splits (parts 0 … S-1), and the raw
+     compressed scores the selection needs;
+  2. `nsa_decode_select_kernel`: the compressed lse from the splits' (m, l), the importance of
+     every selection block (overlap weights, summed over the group), the forced blocks and the
+     top-n by rounds of a max over packed (score, index) keys — ties go to the lower index;
+  3. `nsa_decode_attend_kernel`: one part per chosen block (parts S … S+n-1) and per window
+     segment (the rest), each at most SEG keys;
+  4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
+Parts live in fp32 scratch (B·H, Tq, n_parts, G_PAD[, Dv_PAD]); scores in log2 units (times scale·log2(e)),
+as in `nsa_fwd`. Reference: `naive.nsa_attention_ref`
+with Tq < T.
+"""
+import triton
+import triton.language as tl
+
+from .nsa_common import LN2, jit_kernel, load_gate, load_keys, load_rows, pack_key, unpack_index
+
+
+@triton.jit
+def _group_rows(G: tl.constexpr, G_PAD: tl.constexpr):
+    g = tl.arange(0, G_PAD)
+    return g, g < G
+
+
+@triton.jit
+def _part_offsets(bh, r, part, Tq, n_parts, G_PAD: tl.constexpr):
+    """Offsets of the G_PAD (m, l) slots of one part in the (B·H, Tq, n_parts, G_PAD) scratch."""
+    base = ((bh.to(tl.int64) * Tq + r) * n_parts + part) * G_PAD
+    return base + tl.arange(0, G_PAD)
+
+
+@triton.jit
+def _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc,
+                G_PAD: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr):
+    off = _part_offsets(bh, r, part, Tq, n_parts, G_PAD)
+    tl.store(PM + off, m_i)
+    tl.store(PL + off, l_i)
+    if HAS_ACC:
+        tl.store(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :], acc)
+
+
+@triton.jit
+def _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G: tl.constexpr, G_PAD: tl.constexpr,
+                DK: tl.constexpr, DK_PAD: tl.constexpr):
+    """The group's queries at row r: (G_PAD, DK_PAD), zero past the group."""
+    g, ok = _group_rows(G, G_PAD)
+    return load_rows(Q, b, h * G + g, r + g * 0, ok, sq_b, sq_h, sq_t, sq_d, DK, DK_PAD)
+
+
+@triton.jit
+def _visible_compressed(t, Tc, L: tl.constexpr, D_STRIDE: tl.constexpr):
+    """How many compressed blocks position t sees: block i ends at key i·d + l - 1 <= t."""
+    return tl.minimum(tl.where(t >= L - 1, (t - L + 1) // D_STRIDE + 1, 0), Tc)
+
+
+@triton.jit
+def _attend_keys(q, qk_scale, K, V, SCORES, score_row, score_ok, n_cols, b, h, lo, hi,
+                 sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
+                 DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                 HAS_V: tl.constexpr, STORE_SCORES: tl.constexpr):
+    """Online softmax of the query rows over keys [lo, hi) (at most N_TILES·BLOCK_N of them):
+    (m, l, acc) in log2 units; without HAS_V only (m, l). STORE_SCORES: also
+    SCORES[score_row, key] = score for the rows in score_ok (n_cols per row)."""
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    for i in range(0, N_TILES):
+        pos = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = pos < hi
+        k = load_keys(K, b, h, pos, ok, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        if STORE_SCORES:
+            tl.store(SCORES + score_row[:, None] * n_cols + pos[None, :], s,
+                     mask=score_ok[:, None] & ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_V:
+            v = load_keys(V, b, h, pos, ok, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@jit_kernel
+def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, split,
+                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                          qk_scale, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                          L: tl.constexpr, D_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                          DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_CMP: tl.constexpr,
+                          HAS_SLC: tl.constexpr):
+    """Grid (B·H, Tq, S): split s covers compressed blocks [s·split, (s+1)·split) of those the
+    query sees (block i ends at key i·d + l - 1 <= t); writes part s and, for the selection,
+    the scores SCORES[bh, r, g, i] (log2 units; blocks the query does not see are not
+    written). split = N_TILES·BLOCK_N."""
+    bh, r, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t = T - Tq + r
+    n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
+    lo = sp * split
+    hi = tl.minimum(lo + split, n_vis)
+    q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+    g, g_ok = _group_rows(G, G_PAD)
+    m_i, l_i, acc = _attend_keys(q, qk_scale, KC, VC, SCORES, (bh.to(tl.int64) * Tq + r) * G + g,
+                                 g_ok, Tc, b, h, lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h,
+                                 sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD,
+                                 HAS_CMP, HAS_SLC)
+    _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, HAS_CMP)
+
+
+@jit_kernel
+def nsa_decode_select_kernel(SCORES, PM, PL, IDX, T, Tq, Tc, n_parts, n_splits,
+                             G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr,
+                             D_STRIDE: tl.constexpr, L_SEL: tl.constexpr, N_SEL: tl.constexpr,
+                             N_SEL_PAD: tl.constexpr, INITIAL: tl.constexpr,
+                             LOCAL: tl.constexpr, NS_PAD: tl.constexpr, U_PAD: tl.constexpr):
+    """Grid (B·H, Tq): IDX[bh, r, :N_SEL] = the chosen selection blocks (-1 where fewer exist),
+    as `naive.select_blocks`: forced first/local blocks, then the highest importance
+    Σ_g Σ_i w_ij p_gi, p the compressed softmax (lse from parts 0 … n_splits-1)."""
+    bh, r = tl.program_id(0), tl.program_id(1)
+    t = T - Tq + r
+    n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
+    g, g_ok = _group_rows(G, G_PAD)
+    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_all = tl.zeros([G_PAD], tl.float32)
+    for sp in range(0, n_splits):
+        off = _part_offsets(bh, r, sp, Tq, n_parts, G_PAD)
+        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
+        m_new = tl.maximum(m_all, m_p)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_all = l_all * tl.exp2(m_all - m_safe) + l_p * tl.exp2(m_p - m_safe)
+        m_all = m_new
+    seen = l_all > 0
+    lse = tl.where(seen, tl.where(seen, m_all, 0.0) + tl.log2(tl.where(seen, l_all, 1.0)),
+                   float("inf"))
+    # Chunks of d keys: compressed block i holds chunks i … i+R-1, selection block j holds
+    # chunks jQ … jQ+Q-1, so w_ij = |[i, i+R) ∩ [jQ, jQ+Q)| for i in jQ-R+1 … jQ+Q-1.
+    R: tl.constexpr = L // D_STRIDE
+    QC: tl.constexpr = L_SEL // D_STRIDE
+    j = tl.arange(0, NS_PAD)
+    u = tl.arange(0, U_PAD)
+    i = j[:, None] * QC - R + 1 + u[None, :]
+    w = tl.minimum(i + R, (j[:, None] + 1) * QC) - tl.maximum(i, j[:, None] * QC)
+    i_ok = (u[None, :] < QC + R - 1) & (i >= 0) & (i < n_vis)
+    w = tl.where(i_ok, w, 0).to(tl.float32)
+    imp = tl.zeros([NS_PAD], tl.float32)
+    row0 = (bh.to(tl.int64) * Tq + r) * G
+    for gg in range(0, G):
+        lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
+        s = tl.load(SCORES + (row0 + gg) * Tc + i, mask=i_ok, other=float("-inf"))
+        imp += tl.sum(w * tl.exp2(s - lse_g), 1)
+    own = t // L_SEL
+    started = j <= own
+    forced = started & ((j < INITIAL) | (j > own - LOCAL))
+    score = tl.where(forced, float("inf"), imp)
+    key = tl.where(started, pack_key(score, j), -1)
+    slot = tl.arange(0, N_SEL_PAD)
+    chosen = tl.full([N_SEL_PAD], -1, tl.int32)
+    for n in tl.static_range(N_SEL):
+        best = tl.max(key, 0)
+        chosen = tl.where((slot == n) & (best >= 0), unpack_index(best), chosen)
+        key = tl.where(key == best, -1, key)
+    tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SEL_PAD + slot, chosen)
+
+
+@jit_kernel
+def nsa_decode_attend_kernel(Q, K, V, IDX, PM, PL, PACC, T, Tq, n_parts, part0,
+                             sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
+                             sv_b, sv_h, sv_t, sv_d, qk_scale, H: tl.constexpr, G: tl.constexpr,
+                             G_PAD: tl.constexpr, SEG: tl.constexpr, BLOCK_N: tl.constexpr,
+                             N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                             DV: tl.constexpr, DV_PAD: tl.constexpr, N_SLC: tl.constexpr,
+                             N_SEL_PAD: tl.constexpr, WINDOW: tl.constexpr):
+    """Grid (B·H, Tq, N_SLC + window segments): program u < N_SLC attends to chosen block
+    IDX[bh, r, u] (keys [j·SEG, j·SEG + SEG) up to t), the others to window segment
+    u - N_SLC (keys lo + (u - N_SLC)·SEG …, lo = max(0, t - WINDOW + 1), or 0 when WINDOW is
+    0: unbounded). Writes part part0 + u."""
+    bh, r, u = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t = T - Tq + r
+    if u < N_SLC:
+        blk = tl.load(IDX + (bh.to(tl.int64) * Tq + r) * N_SEL_PAD + u)
+        lo = tl.where(blk >= 0, blk * SEG, T)
+    else:
+        start = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0)
+        lo = start + (u - N_SLC) * SEG
+    hi = tl.minimum(lo + SEG, t + 1)
+    q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+    m_i, l_i, acc = _attend_keys(q, qk_scale, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
+                                 sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK,
+                                 DK_PAD, DV, DV_PAD, True, False)
+    _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, True)
+
+
+@triton.jit
+def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
+                 DV_PAD: tl.constexpr):
+    """The normalised output (G_PAD, DV_PAD) of parts p0 … p1-1; rows that saw nothing give 0."""
+    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_all = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    for p in range(p0, p1):
+        off = _part_offsets(bh, r, p, Tq, n_parts, G_PAD)
+        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
+        a_p = tl.load(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :])
+        m_new = tl.maximum(m_all, m_p)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe)
+        l_all = l_all * alpha + l_p * beta
+        acc = acc * alpha[:, None] + a_p * beta[:, None]
+        m_all = m_new
+    return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+
+
+@jit_kernel
+def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_win,
+                              so_b, so_h, so_t, so_d, sg_b, sg_h, sg_t, sg_c,
+                              gate_cmp, gate_slc, gate_win, H: tl.constexpr, G: tl.constexpr,
+                              G_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                              N_SLC: tl.constexpr, HAS_CMP: tl.constexpr,
+                              HAS_WIN: tl.constexpr, HAS_GATES: tl.constexpr,
+                              SLOT_SLC: tl.constexpr, SLOT_WIN: tl.constexpr):
+    """Grid (B·H, Tq): o[b, hq, r] = Σ_branch gate · (that branch's parts merged); parts are
+    [0, n_splits) compressed, then N_SLC selected, then n_win window; gate slots 0 (compressed),
+    SLOT_SLC, SLOT_WIN."""
+    bh, r = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g, ok = _group_rows(G, G_PAD)
+    hq = h * G + g
+    tok = r + g * 0
+    o = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    if HAS_CMP:
+        gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_cmp, HAS_GATES, 0)
+        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits,
+                                          G_PAD, DV_PAD)
+    if N_SLC > 0:
+        gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_slc, HAS_GATES,
+                         SLOT_SLC)
+        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
+                                          n_splits + N_SLC, G_PAD, DV_PAD)
+    if HAS_WIN:
+        gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_win, HAS_GATES,
+                         SLOT_WIN)
+        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, n_splits + N_SLC,
+                                          n_splits + N_SLC + n_win, G_PAD, DV_PAD)
+    d = tl.arange(0, DV_PAD)
+    off = b.to(tl.int64) * so_b + hq.to(tl.int64)[:, None] * so_h + r.to(tl.int64) * so_t
+    tl.store(O + off + d[None, :] * so_d, o.to(O.dtype.element_ty),
+             mask=ok[:, None] & (d[None, :] < DV))
