@@ -6,15 +6,16 @@ query heads, so each key is read once for the whole group. The work of one posit
 *parts*, each a partial softmax (max m, sum l, unnormalised output acc) over a slice of keys:
   1. `nsa_decode_cmp_kernel`: the compressed keys in splits (parts 0 … S-1), and the raw
      compressed scores the selection needs;
-  2. `nsa_decode_select_kernel`: the compressed lse from the splits' (m, l), the importance of
-     every selection block (overlap weights, summed over the group), the forced blocks and the
-     top-n by rounds of a max over packed (score, index) keys — ties go to the lower index;
-  3. `nsa_decode_attend_kernel`: one part per chosen block (parts S … S+n-1) and per window
-     segment (the rest), each at most SEG keys;
+  2. `nsa_decode_select_kernel`, per tile of selection blocks: the compressed lse from the
+     splits' (m, l), each block's importance (overlap weights, summed over the group), the
+     forced blocks, and the tile's top-n as packed (score, index) keys — ties go to the lower
+     index;
+  3. `nsa_decode_attend_kernel`: one part per chosen block (parts S … S+n-1: program u ranks
+     all tiles' candidates and takes the u-th) and per window segment (the rest), each at most
+     SEG keys;
   4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
-Parts live in fp32 scratch (B·H, Tq, n_parts, G_PAD[, Dv_PAD]); scores in log2 units (times scale·log2(e)),
-as in `nsa_fwd`. Reference: `naive.nsa_attention_ref`
-with Tq < T.
+Parts live in fp32 scratch (B·H, Tq, n_parts, G_PAD[, Dv_PAD]); scores in log2 units (times
+scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq < T.
 """
 import triton
 import triton.language as tl
@@ -119,15 +120,17 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
 
 
 @jit_kernel
-def nsa_decode_select_kernel(SCORES, PM, PL, IDX, T, Tq, Tc, n_parts, n_splits,
+def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
                              G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr,
                              D_STRIDE: tl.constexpr, L_SEL: tl.constexpr, N_SEL: tl.constexpr,
-                             N_SEL_PAD: tl.constexpr, INITIAL: tl.constexpr,
-                             LOCAL: tl.constexpr, NS_PAD: tl.constexpr, U_PAD: tl.constexpr):
-    """Grid (B·H, Tq): IDX[bh, r, :N_SEL] = the chosen selection blocks (-1 where fewer exist),
-    as `naive.select_blocks`: forced first/local blocks, then the highest importance
-    Σ_g Σ_i w_ij p_gi, p the compressed softmax (lse from parts 0 … n_splits-1)."""
-    bh, r = tl.program_id(0), tl.program_id(1)
+                             INITIAL: tl.constexpr, LOCAL: tl.constexpr,
+                             BLOCK_J: tl.constexpr, U_PAD: tl.constexpr):
+    """Grid (B·H, Tq, selection-block tiles): the N_SEL best blocks of tile jt (BLOCK_J blocks)
+    as packed (score, index) keys, best first, into CAND[bh, r, jt, :] (-1: none); the
+    attend kernel ranks all tiles' candidates. Score as `naive.select_blocks`: +inf for the
+    forced first/local blocks, else the importance Σ_g Σ_i w_ij p_gi, p the compressed
+    softmax (its lse from parts 0 … n_splits-1); blocks not yet started are left out."""
+    bh, r, jt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = T - Tq + r
     n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
     g, g_ok = _group_rows(G, G_PAD)
@@ -147,13 +150,13 @@ def nsa_decode_select_kernel(SCORES, PM, PL, IDX, T, Tq, Tc, n_parts, n_splits,
     # chunks jQ … jQ+Q-1, so w_ij = |[i, i+R) ∩ [jQ, jQ+Q)| for i in jQ-R+1 … jQ+Q-1.
     R: tl.constexpr = L // D_STRIDE
     QC: tl.constexpr = L_SEL // D_STRIDE
-    j = tl.arange(0, NS_PAD)
+    j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
     u = tl.arange(0, U_PAD)
     i = j[:, None] * QC - R + 1 + u[None, :]
     w = tl.minimum(i + R, (j[:, None] + 1) * QC) - tl.maximum(i, j[:, None] * QC)
     i_ok = (u[None, :] < QC + R - 1) & (i >= 0) & (i < n_vis)
     w = tl.where(i_ok, w, 0).to(tl.float32)
-    imp = tl.zeros([NS_PAD], tl.float32)
+    imp = tl.zeros([BLOCK_J], tl.float32)
     row0 = (bh.to(tl.int64) * Tq + r) * G
     for gg in range(0, G):
         lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
@@ -162,34 +165,49 @@ def nsa_decode_select_kernel(SCORES, PM, PL, IDX, T, Tq, Tc, n_parts, n_splits,
     own = t // L_SEL
     started = j <= own
     forced = started & ((j < INITIAL) | (j > own - LOCAL))
-    score = tl.where(forced, float("inf"), imp)
-    key = tl.where(started, pack_key(score, j), -1)
-    slot = tl.arange(0, N_SEL_PAD)
-    chosen = tl.full([N_SEL_PAD], -1, tl.int32)
+    key = tl.where(started, pack_key(tl.where(forced, float("inf"), imp), j), -1)
+    base = ((bh.to(tl.int64) * Tq + r) * tl.num_programs(2) + jt) * N_SEL
     for n in tl.static_range(N_SEL):
         best = tl.max(key, 0)
-        chosen = tl.where((slot == n) & (best >= 0), unpack_index(best), chosen)
+        tl.store(CAND + base + n, best)
         key = tl.where(key == best, -1, key)
-    tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SEL_PAD + slot, chosen)
+
+
+@triton.jit
+def _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """The block of the u-th best of the n_cand candidate keys of (bh, r), -1 if none: each
+    key's rank is how many keys beat it (keys are distinct: they hold the block index)."""
+    base = (bh.to(tl.int64) * Tq + r) * n_cand
+    c = tl.arange(0, C_PAD)
+    key = tl.load(CAND + base + c, mask=c < n_cand, other=-1)
+    rank = tl.zeros([C_PAD], tl.int32)
+    for c0 in range(0, n_cand, CHUNK):
+        cc = c0 + tl.arange(0, CHUNK)
+        other = tl.load(CAND + base + cc, mask=cc < n_cand, other=-1)
+        rank += tl.sum((other[None, :] > key[:, None]).to(tl.int32), 1)
+    best = tl.max(tl.where((rank == u) & (c < n_cand), key, -1), 0)
+    return tl.where(best >= 0, unpack_index(best), -1)
 
 
 @jit_kernel
-def nsa_decode_attend_kernel(Q, K, V, IDX, PM, PL, PACC, T, Tq, n_parts, part0,
+def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, part0, n_cand,
                              sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                              sv_b, sv_h, sv_t, sv_d, qk_scale, H: tl.constexpr, G: tl.constexpr,
                              G_PAD: tl.constexpr, SEG: tl.constexpr, BLOCK_N: tl.constexpr,
                              N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
                              DV: tl.constexpr, DV_PAD: tl.constexpr, N_SLC: tl.constexpr,
-                             N_SEL_PAD: tl.constexpr, WINDOW: tl.constexpr):
-    """Grid (B·H, Tq, N_SLC + window segments): program u < N_SLC attends to chosen block
-    IDX[bh, r, u] (keys [j·SEG, j·SEG + SEG) up to t), the others to window segment
-    u - N_SLC (keys lo + (u - N_SLC)·SEG …, lo = max(0, t - WINDOW + 1), or 0 when WINDOW is
-    0: unbounded). Writes part part0 + u."""
+                             C_PAD: tl.constexpr, WINDOW: tl.constexpr):
+    """Grid (B·H, Tq, N_SLC + window segments): program u < N_SLC attends to the u-th best
+    selection block j of the candidates (keys [j·SEG, j·SEG + SEG) up to t; IDX[bh, r, u] = j,
+    -1 if fewer blocks exist), the others to window segment u - N_SLC (keys
+    lo + (u - N_SLC)·SEG …, lo = max(0, t - WINDOW + 1), or 0 when WINDOW is 0: unbounded).
+    Writes part part0 + u."""
     bh, r, u = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t = T - Tq + r
     if u < N_SLC:
-        blk = tl.load(IDX + (bh.to(tl.int64) * Tq + r) * N_SEL_PAD + u)
+        blk = _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD, 32)
+        tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SLC + u, blk)
         lo = tl.where(blk >= 0, blk * SEG, T)
     else:
         start = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0)

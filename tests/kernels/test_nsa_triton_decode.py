@@ -56,6 +56,20 @@ def _inputs(B, HQ, H, T, Tq, DK, DV, cfg, dtype):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_decode_matches_reference(name):
+    _check_case(name)
+
+
+@pytest.mark.parametrize("name", ["all-T700-G3-splits-Tq3", "all-T300-n6-B2-dk-ne-dv",
+                                  "local-only-T150-n5"])
+def test_triton_decode_ranks_candidates_of_several_tiles(name, monkeypatch):
+    """Tiles of 16 selection blocks (1 to 3 tiles here): the chosen blocks come from the ranking
+    of every tile's candidates, as in a long cache with the shipped tile of 128."""
+    from nsa_compile.kernels.nsa import triton_decode
+    monkeypatch.setattr(triton_decode, "SELECT_TILE", 16)
+    _check_case(name)
+
+
+def _check_case(name):
     from nsa_compile.kernels.nsa.triton_decode import decode_with_blocks
     B, HQ, H, T, Tq, DK, DV, cfg, dtype, split = CASES[name]
     q, k, v, gates, kc, vc, p = _inputs(B, HQ, H, T, Tq, DK, DV, cfg, dtype)

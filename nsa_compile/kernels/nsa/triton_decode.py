@@ -20,7 +20,10 @@ from .params import NSAParams, num_selection_blocks, supported
 from .triton_fwd import launch_geometry
 
 BLOCK_N, WARPS = 64, 4
-# The selection keeps one importance per selection block of the sequence in registers.
+# Selection blocks per program of the selection kernel; each keeps its n best as candidates,
+# and every selected-branch program ranks all T / (l' * SELECT_TILE) * n of them, a cost
+# quadratic in T: hence the limit (512 candidates at n = 16).
+SELECT_TILE = 128
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
@@ -82,8 +85,10 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     pm = torch.empty(B * H, Tq, n_parts, G_PAD, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * H, Tq, n_parts, G_PAD, DV_PAD, device=dev, dtype=torch.float32)
-    n_sel_pad = _pow2(n_sel)
-    idx = torch.empty(B * H, Tq, n_sel_pad, device=dev, dtype=torch.int32)
+    n_jtiles = triton.cdiv(num_selection_blocks(T, lp), SELECT_TILE) if params.has_slc else 0
+    n_cand = n_jtiles * n_sel
+    cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
+    idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
     scores = torch.empty(B * H, Tq, G, Tc if params.has_slc else 0, device=dev,
                          dtype=torch.float32)
     geometry = dict(H=H, G=G, G_PAD=G_PAD, DK=common["DK"], DK_PAD=common["DK_PAD"], DV=DV,
@@ -98,19 +103,18 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
             HAS_CMP=params.has_cmp, HAS_SLC=params.has_slc, num_warps=WARPS, **geometry)
     if params.has_slc:
         r, qc = params.compress_block // params.compress_stride, lp // params.compress_stride
-        nsa_decode_select_kernel[(B * H, Tq)](
-            scores, pm, pl, idx, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
+        nsa_decode_select_kernel[(B * H, Tq, n_jtiles)](
+            scores, pm, pl, cand, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
             L=params.compress_block, D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel,
-            N_SEL_PAD=n_sel_pad, INITIAL=params.select_initial, LOCAL=params.select_local,
-            NS_PAD=_pow2(num_selection_blocks(T, lp)), U_PAD=_pow2(qc + r - 1),
-            num_warps=WARPS)
+            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=SELECT_TILE,
+            U_PAD=_pow2(qc + r - 1), num_warps=WARPS)
     if n_slc + n_win:
+        block_n = min(BLOCK_N, _pow2(seg, 16))
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
-            q, k, v, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, *q.stride(), *k.stride(),
-            *v.stride(), qk_scale, SEG=seg, BLOCK_N=min(BLOCK_N, _pow2(seg, 16)),
-            N_TILES=triton.cdiv(seg, min(BLOCK_N, _pow2(seg, 16))), N_SLC=n_slc,
-            N_SEL_PAD=n_sel_pad, WINDOW=params.window if params.has_win else 0,
-            num_warps=WARPS, **geometry)
+            q, k, v, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, n_cand, *q.stride(),
+            *k.stride(), *v.stride(), qk_scale, SEG=seg, BLOCK_N=block_n,
+            N_TILES=triton.cdiv(seg, block_n), N_SLC=n_slc, C_PAD=_pow2(n_cand),
+            WINDOW=params.window if params.has_win else 0, num_warps=WARPS, **geometry)
     present = [b for b, on in zip(("compressed", "selected", "window"),
                                   (params.has_cmp, params.has_slc, params.has_win)) if on]
     weights = dict(zip(present, fixed))
@@ -121,5 +125,5 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         HAS_CMP=params.has_cmp, HAS_WIN=params.has_win, HAS_GATES=gates is not None,
         SLOT_SLC=present.index("selected") if params.has_slc else 0,
         SLOT_WIN=present.index("window") if params.has_win else 0, num_warps=WARPS)
-    blocks = idx.view(B, H, Tq, n_sel_pad)[..., :n_sel] if params.has_slc else None
+    blocks = idx.view(B, H, Tq, n_sel) if params.has_slc else None
     return o, blocks
