@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..config import EngramConfig
 from ..kernels.engram import naive
 from ..kernels.engram.op import engram_fwd
+from .kv_cache import keep_on_cache, kv_cache
 
 __all__ = ["Engram", "canonical_ids", "normalize_token"]
 
@@ -342,17 +343,8 @@ class CaptureTokenIds:
             engram._ids = ids
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 # The attribute of a KV cache object that carries the Engram modules' DecodeContexts.
 _CONTEXT_ATTR = "_nsa_compile_engram"
-
-
-def _kv_cache(kwargs: dict, output: Any = None) -> Any:
-    """The call's KV cache: a kwarg or an output attribute with `get_seq_length` (transformers'
-    Cache classes), or None."""
-    found = [kwargs.get(name) for name in _CACHE_KWARGS]
-    found += [getattr(output, name, None) for name in _CACHE_KWARGS]
-    return next((c for c in found if hasattr(c, "get_seq_length")), None)
 
 
 class ForgetTokenIds:
@@ -364,7 +356,7 @@ class ForgetTokenIds:
         self.engrams = list(engrams)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = _kv_cache(kwargs)
+        cache = kv_cache(kwargs)
         past = 0 if cache is None else int(cache.get_seq_length())
         contexts = [None] * len(self.engrams)
         if past:
@@ -395,26 +387,10 @@ class KeepDecodeContext:
         contexts = [engram._next for engram in self.engrams]
         for engram in self.engrams:  # a direct Engram call after this one starts clean
             engram._context, engram._keep, engram._next = None, False, None
-        cache = _kv_cache(kwargs, output)
+        cache = kv_cache(kwargs, output)
         if cache is None or any(c is None for c in contexts):
             return
-        if not hasattr(cache, _CONTEXT_ATTR) and hasattr(cache, "reorder_cache"):
-            _reorder_with_cache(cache)
-        setattr(cache, _CONTEXT_ATTR, contexts)
-
-
-def _reorder_with_cache(cache: Any) -> None:
-    """Makes beam search's `cache.reorder_cache(beam_idx)` reorder the Engram contexts too."""
-    reorder = cache.reorder_cache
-
-    def reorder_cache(beam_idx: Tensor, *args, **kwargs):
-        out = reorder(beam_idx, *args, **kwargs)
-        contexts = getattr(cache, _CONTEXT_ATTR, None)
-        if contexts is not None:
-            setattr(cache, _CONTEXT_ATTR, [c.select(beam_idx) for c in contexts])
-        return out
-
-    cache.reorder_cache = reorder_cache
+        keep_on_cache(cache, _CONTEXT_ATTR, contexts)
 
 
 class AddEngram:

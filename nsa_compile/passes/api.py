@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import EngramConfig, NSAConfig
-from ..modules.nsa_attention import NSAAttention
+from ..modules.nsa_attention import HandCompressedKeys, KeepCompressedKeys, NSAAttention
 from .detect import Finding, detect
 from .plan import FilterFn, attention_sites, engram_sites
 from .report import Report, Site
@@ -108,10 +108,14 @@ def sparsify(model: nn.Module, nsa: Optional[NSAConfig] = NSAConfig(), *,
         if site.status == "rewrite":
             check_installable(modules[site.path], site.path)
     sites: List[Site] = []
+    installed = []
     for site, finding in planned:
         if site.status == "rewrite":
-            install(modules[site.path], finding.plan, nsa)
+            installed.append(install(modules[site.path], finding.plan, nsa))
         sites.append(site)
+    if installed:  # decoding steps continue the compressed keys kept on the KV cache
+        model.register_forward_pre_hook(HandCompressedKeys(installed), with_kwargs=True)
+        model.register_forward_hook(KeepCompressedKeys(installed), with_kwargs=True)
     if engram is not None:
         sites += engram_sites(model, engram, example, ep, apply=True)
     report = Report(sites)

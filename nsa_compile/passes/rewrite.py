@@ -98,7 +98,7 @@ def _decode(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor,
     None, for the caller's padded path, where the padding lies elsewhere or under
     torch.compile with any padding (the check reads the mask on the host)."""
     if kp is None:
-        return nsa.decode(q, k, v)
+        return nsa.decode(q, k, v, keep=True)
     if torch.compiler.is_compiling():
         return None
     Tq = q.shape[2]
@@ -108,7 +108,7 @@ def _decode(nsa: NSAAttention, q: Tensor, k: Tensor, v: Tensor,
     # where they have the same padding)
     starts = (~kp).sum(dim=1).tolist()
     if len(set(starts)) == 1:
-        return nsa.decode(q, k[:, :, starts[0]:], v[:, :, starts[0]:])
+        return nsa.decode(q, k[:, :, starts[0]:], v[:, :, starts[0]:], keep=True)
     return torch.cat([nsa.decode(q[b:b + 1], k[b:b + 1, :, s:], v[b:b + 1, :, s:])
                       for b, s in enumerate(starts)])
 

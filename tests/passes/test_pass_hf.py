@@ -97,35 +97,97 @@ def test_hf_generate_with_cache_matches_dense(impl):
         assert _rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("left_pad", [False, True], ids=["unpadded", "left-padded"])
-def test_hf_generate_with_cache_matches_without_under_sparse_nsa(left_pad):
-    """With a sparse NSA (every branch, blocks shorter than the prompt), decoding with a KV
-    cache takes the last-positions path (`NSAAttention.decode`) and must reproduce decoding
-    without a cache, which reruns the whole sequence through the op at every step."""
+def _sparse_llama():
+    """A tiny HF Llama under a sparse NSA with gates that differ per branch and position and
+    compressors whose MLP is not zero (as after training)."""
     torch.manual_seed(0)
     model = tiny_hf("llama", "sdpa")
     _quiet_sparsify(model, LEARNED)
-    for m in model.modules():  # gates that differ per branch and position
+    for m in model.modules():
         if isinstance(m, NSAAttention):
             torch.nn.init.normal_(m.gate.proj.weight, std=0.5)
+            for c in (m.k_compress, m.v_compress):
+                torch.nn.init.normal_(c.fc2.weight, std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("pad", ["unpadded", "left-padded", "left-padded-alike", "beams"])
+def test_hf_generate_with_cache_matches_without_under_sparse_nsa(pad):
+    """With a sparse NSA (every branch, blocks shorter than the prompt), decoding with a KV
+    cache takes the last-positions path (`NSAAttention.decode`) and must reproduce decoding
+    without a cache, which reruns the whole sequence through the op at every step. Where the
+    batch's padding allows (none, or the same prefix in every row; beam search reorders the
+    rows), each step continues the compressed keys kept on the cache: its compressors see only
+    the keys past the blocks already compressed."""
+    model = _sparse_llama()
     ids = _ids(T=14)
     mask = torch.ones_like(ids)
-    if left_pad:
-        mask[0, :4] = 0
-        ids[0, :4] = 0
-    calls = []
+    if pad.startswith("left-padded"):
+        rows = slice(None) if pad == "left-padded-alike" else slice(0, 1)
+        mask[rows, :4] = 0
+        ids[rows, :4] = 0
+    calls, seen = [], []
     decode = NSAAttention.decode
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-              output_scores=True, return_dict_in_generate=True)
+              output_scores=True, return_dict_in_generate=True,
+              num_beams=2 if pad == "beams" else 1)
     ref = model.generate(use_cache=False, **kw)
+    first = next(m for m in model.modules() if isinstance(m, NSAAttention))
+    spy = first.k_compress.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[2]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(NSAAttention, "decode",
                    lambda *a, **k: calls.append(1) or decode(*a, **k))
         out = model.generate(use_cache=True, **kw)
+    spy.remove()
     assert calls  # the cached steps went through the decode path
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         assert _rel(a, b) < 1e-4
+    if pad == "left-padded":  # rows padded differently: each row decoded alone, no memo
+        assert min(seen[1:]) >= 14 - 4
+    else:  # the prefill, one full compression, then only the keys past the kept blocks
+        assert max(seen[2:]) <= LEARNED.compress_block, seen
+
+
+def test_kept_compressed_keys_are_not_continued_after_a_crop():
+    """A memo continues its cache only if the step's keys are its keys plus the new ones: after
+    a crop (as assisted decoding makes) the next step compresses from scratch and gives the
+    uncached output."""
+    from transformers import DynamicCache
+    model = _sparse_llama().eval()
+    ids = _ids(B=1, T=20)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=cache, use_cache=True)
+        model(ids[:, 12:13], past_key_values=cache, use_cache=True)
+        model(ids[:, 13:14], past_key_values=cache, use_cache=True)
+        assert cache._nsa_compile_nsa[0].keys == 14
+        cache.crop(-4)  # back to 10 positions
+        cropped = model(ids[:, 10:13], past_key_values=cache, use_cache=True).logits
+        want = model(ids[:, :13]).logits[:, 10:]
+    assert _rel(cropped, want) < 1e-4
+
+
+def test_a_compiled_step_drops_the_kept_compressed_keys():
+    """torch.compile'd steps compress every key and keep no memo: one left by an eager step
+    is dropped, so a later eager step cannot continue a cache that grew without it."""
+    from transformers import DynamicCache
+    model = _sparse_llama().eval()
+    ids = _ids(B=1, T=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=cache, use_cache=True)
+        model(ids[:, 12:13], past_key_values=cache, use_cache=True)
+        assert cache._nsa_compile_nsa is not None
+        mid = compiled(ids[:, 13:14], past_key_values=cache, use_cache=True).logits
+        assert cache._nsa_compile_nsa is None
+        last = model(ids[:, 14:16], past_key_values=cache, use_cache=True).logits
+        want = model(ids).logits
+    torch._dynamo.reset()
+    assert _rel(mid, want[:, 13:14]) < 1e-4
+    assert _rel(last, want[:, 14:16]) < 1e-4
 
 
 def test_gpt2_attention_dropout_in_training_is_skipped():
