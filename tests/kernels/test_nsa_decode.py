@@ -4,8 +4,10 @@ around the block sizes; bad inputs and gradients are refused."""
 import pytest
 import torch
 
+from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa.naive import mean_pool
-from nsa_compile.ops import nsa_attention, nsa_attention_decode
+from nsa_compile.kernels.nsa.params import NSAParams
+from nsa_compile.ops import _op_args, nsa_attention, nsa_attention_decode
 
 from .test_nsa_reference import BRUTE_CASES, TOL, make_inputs
 
@@ -45,3 +47,33 @@ def test_bad_inputs_and_gradients_are_refused():
             nsa_attention_decode(q[:, :, -1:], k, v, config=cfg, gates=gates)
         with pytest.raises(ValueError, match="v must match k"):
             nsa_attention_decode(q[:, :, -1:], k, v[:, :, 1:], config=cfg, gates=gates[:, :, -1:])
+
+
+@pytest.mark.parametrize("learned", [True, False], ids=["learned", "fixed"])
+def test_opcheck_nsa_decode(learned):
+    """The decoding op's schema, fake (meta) function and registration are consistent."""
+    cfg = BRUTE_CASES["three-branches-learned"][0]
+    if not learned:
+        cfg = NSAConfig(**{**cfg.to_dict(), "gate": (0.3, 0.5, 0.2)})
+    q, k, v, gates = [None if x is None else x.detach()
+                      for x in make_inputs(1, 4, 2, 30, 8, 8, torch.float32,
+                                           gates=3 if learned else 0, seed=3)]
+    p = NSAParams.from_config(cfg, 8 ** -0.5)
+    l, d = cfg.compress_block, cfg.compress_stride
+    torch.library.opcheck(torch.ops.nsa_compile.nsa_decode.default, (
+        q[:, :, -3:].contiguous(), k, v, None if gates is None else gates[:, :, -3:].contiguous(),
+        mean_pool(k, l, d), mean_pool(v, l, d), *_op_args(p)))
+
+
+def test_decode_compiles_fullgraph():
+    cfg, B, HQ, H, Dk, Dv, _ = BRUTE_CASES["three-branches-learned"]
+    q, k, v, gates = [x.detach() for x in make_inputs(B, HQ, H, 40, Dk, Dv, torch.float32,
+                                                      gates=3, seed=4)]
+    step = lambda q, k, v, g: nsa_attention_decode(q, k, v, config=cfg, gates=g)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = step(q[:, :, -2:], k, v, gates[:, :, -2:])
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(
+            q[:, :, -2:], k, v, gates[:, :, -2:])
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want)
