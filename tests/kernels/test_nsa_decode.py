@@ -77,3 +77,35 @@ def test_decode_compiles_fullgraph():
             q[:, :, -2:], k, v, gates[:, :, -2:])
     torch._dynamo.reset()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("lcd", [(32, 16, 64), (16, 8, 16), (8, 8, 8), (12, 4, 24)])
+def test_block_importance_equals_the_overlap_weights(lcd):
+    from nsa_compile.kernels.nsa import decode, naive
+    l, d, lp = lcd
+    p = NSAParams.from_config(NSAConfig(compress_block=l, compress_stride=d, select_block=lp,
+                                        select_count=3), 1.0)
+    for T in (l - 1, l, 3 * lp + 5):
+        Tc = max(0, (T - l) // d + 1)
+        Ns = -(-T // lp)
+        p_cmp = torch.rand(2, 3, Tc, dtype=torch.float64)
+        want = p_cmp @ naive.overlap_weights(Tc, Ns, p, dtype=torch.float64)
+        torch.testing.assert_close(decode.block_importance(p_cmp, Ns, p), want)
+
+
+def test_short_decoding_steps_gather_the_chosen_blocks(monkeypatch):
+    """Up to MAX_GATHER_QUERIES queries the op's kernel reads only the chosen blocks (it never
+    runs the reference, which scores every key), beyond that the reference's chunked pass."""
+    from nsa_compile.kernels.nsa import decode, naive
+    cfg, B, HQ, H, Dk, Dv, _ = BRUTE_CASES["three-branches-learned"]
+    q, k, v, gates = [x.detach() for x in make_inputs(B, HQ, H, 40, Dk, Dv, torch.float32,
+                                                      gates=3, seed=6)]
+    ran = []
+    ref = naive.nsa_attention_ref
+    monkeypatch.setattr(naive, "nsa_attention_ref", lambda *a, **kw: ran.append(1) or ref(*a, **kw))
+    with torch.no_grad():
+        nsa_attention_decode(q[:, :, -decode.MAX_GATHER_QUERIES:], k, v, config=cfg,
+                             gates=gates[:, :, -decode.MAX_GATHER_QUERIES:])
+        assert not ran
+        nsa_attention_decode(q[:, :, -17:], k, v, config=cfg, gates=gates[:, :, -17:])
+        assert ran

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import naive
+from .decode import nsa_decode_gather
 from .params import NSAParams, supported
 
 
@@ -163,10 +164,11 @@ def nsa_decode(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: 
                window: int, branches: List[bool], fixed_gates: List[float],
                scale: float) -> Tensor:
     """The forward at the last q.shape[2] positions of k's sequence (decoding with a KV cache);
-    no autograd."""
+    no autograd. This kernel (CPU and any device) reads only the chosen blocks
+    (`decode.nsa_decode_gather`)."""
     p = _params(compress_block, compress_stride, select_block, select_count, select_initial,
                 select_local, window, branches, fixed_gates, scale)
-    return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, p)
+    return nsa_decode_gather(q, k, v, gates, k_cmp, v_cmp, p)
 
 
 @nsa_decode.register_kernel("cuda")
@@ -176,7 +178,7 @@ def _nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
     reason = decode_supported(params, k.shape[2], q.shape[-1], v.shape[-1])
     if reason is not None:
         _warn_once(reason)
-        return naive.nsa_attention_ref(q, k, v, gates, k_cmp, v_cmp, params)
+        return nsa_decode_gather(q, k, v, gates, k_cmp, v_cmp, params)
     return nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, params)
 
 
