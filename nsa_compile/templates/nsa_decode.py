@@ -20,7 +20,7 @@ scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq <
 import triton
 import triton.language as tl
 
-from .nsa_common import LN2, jit_kernel, load_gate, load_keys, load_rows, pack_key, unpack_index
+from .nsa_common import jit_kernel, load_gate, load_keys, load_rows, pack_key, unpack_index
 
 
 @triton.jit
@@ -214,6 +214,7 @@ def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, p
         lo = start + (u - N_SLC) * SEG
     hi = tl.minimum(lo + SEG, t + 1)
     q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+    # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
     m_i, l_i, acc = _attend_keys(q, qk_scale, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
                                  sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK,
                                  DK_PAD, DV, DV_PAD, True, False)
