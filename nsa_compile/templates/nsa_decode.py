@@ -119,6 +119,36 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
     _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, HAS_CMP)
 
 
+@triton.jit
+def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
+                 DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr):
+    """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, DV_PAD) unnormalised (zeros without
+    HAS_ACC: the lse alone)."""
+    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_all = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    for p in range(p0, p1):
+        off = _part_offsets(bh, r, p, Tq, n_parts, G_PAD)
+        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
+        m_new = tl.maximum(m_all, m_p)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe)
+        l_all = l_all * alpha + l_p * beta
+        if HAS_ACC:
+            a_p = tl.load(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :])
+            acc = acc * alpha[:, None] + a_p * beta[:, None]
+        m_all = m_new
+    return m_all, l_all, acc
+
+
+@triton.jit
+def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
+                   DV_PAD: tl.constexpr):
+    """The normalised output (G_PAD, DV_PAD) of parts p0 … p1-1; rows that saw nothing give 0."""
+    _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD, DV_PAD, True)
+    return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+
+
 @jit_kernel
 def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
                              G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr,
@@ -134,15 +164,9 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     t = T - Tq + r
     n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
     g, g_ok = _group_rows(G, G_PAD)
-    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_all = tl.zeros([G_PAD], tl.float32)
-    for sp in range(0, n_splits):
-        off = _part_offsets(bh, r, sp, Tq, n_parts, G_PAD)
-        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
-        m_new = tl.maximum(m_all, m_p)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_all = l_all * tl.exp2(m_all - m_safe) + l_p * tl.exp2(m_p - m_safe)
-        m_all = m_new
+    # the compressed splits' (m, l) alone (no acc: PACC and DV_PAD are placeholders)
+    m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, G_PAD, 16,
+                                   False)
     seen = l_all > 0
     lse = tl.where(seen, tl.where(seen, m_all, 0.0) + tl.log2(tl.where(seen, l_all, 1.0)),
                    float("inf"))
@@ -221,26 +245,6 @@ def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, p
     _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, True)
 
 
-@triton.jit
-def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
-                 DV_PAD: tl.constexpr):
-    """The normalised output (G_PAD, DV_PAD) of parts p0 … p1-1; rows that saw nothing give 0."""
-    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_all = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-    for p in range(p0, p1):
-        off = _part_offsets(bh, r, p, Tq, n_parts, G_PAD)
-        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
-        a_p = tl.load(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :])
-        m_new = tl.maximum(m_all, m_p)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe)
-        l_all = l_all * alpha + l_p * beta
-        acc = acc * alpha[:, None] + a_p * beta[:, None]
-        m_all = m_new
-    return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-
-
 @jit_kernel
 def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_win,
                               so_b, so_h, so_t, so_d, sg_b, sg_h, sg_t, sg_c,
@@ -260,18 +264,19 @@ def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_w
     o = tl.zeros([G_PAD, DV_PAD], tl.float32)
     if HAS_CMP:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_cmp, HAS_GATES, 0)
-        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits,
-                                          G_PAD, DV_PAD)
+        o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits,
+                                            G_PAD, DV_PAD)
     if N_SLC > 0:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_slc, HAS_GATES,
                          SLOT_SLC)
-        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
-                                          n_splits + N_SLC, G_PAD, DV_PAD)
+        o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
+                                            n_splits + N_SLC, G_PAD, DV_PAD)
     if HAS_WIN:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_win, HAS_GATES,
                          SLOT_WIN)
-        o += gate[:, None] * _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, n_splits + N_SLC,
-                                          n_splits + N_SLC + n_win, G_PAD, DV_PAD)
+        o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts,
+                                            n_splits + N_SLC, n_splits + N_SLC + n_win,
+                                            G_PAD, DV_PAD)
     d = tl.arange(0, DV_PAD)
     off = b.to(tl.int64) * so_b + hq.to(tl.int64)[:, None] * so_h + r.to(tl.int64) * so_t
     tl.store(O + off + d[None, :] * so_d, o.to(O.dtype.element_ty),
