@@ -20,7 +20,8 @@ scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq <
 import triton
 import triton.language as tl
 
-from .nsa_common import jit_kernel, load_gate, load_keys, load_rows, pack_key, unpack_index
+from .nsa_common import (LOG2E, jit_kernel, load_gate, load_keys, load_rows,
+                         online_softmax_step, pack_key, unpack_index)
 
 
 @triton.jit
@@ -80,22 +81,21 @@ def _attend_keys(q, qk_scale, K, V, SCORES, score_row, score_ok, n_cols, b, h, l
         if STORE_SCORES:
             tl.store(SCORES + score_row[:, None] * n_cols + pos[None, :], s,
                      mask=score_ok[:, None] & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_V:
             v = load_keys(V, b, h, pos, ok, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
+        else:  # the softmax's (m, l) alone: online_softmax_step without its values
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
     return m_i, l_i, acc
 
 
 @jit_kernel
 def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, split,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                          qk_scale, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                          scale, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                           L: tl.constexpr, D_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
                           N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
                           DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_CMP: tl.constexpr,
@@ -112,10 +112,10 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
     hi = tl.minimum(lo + split, n_vis)
     q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
     g, g_ok = _group_rows(G, G_PAD)
-    m_i, l_i, acc = _attend_keys(q, qk_scale, KC, VC, SCORES, (bh.to(tl.int64) * Tq + r) * G + g,
-                                 g_ok, Tc, b, h, lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h,
-                                 sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD,
-                                 HAS_CMP, HAS_SLC)
+    score_row = (bh.to(tl.int64) * Tq + r) * G + g
+    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, SCORES, score_row, g_ok, Tc, b, h,
+                                 lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD,
+                                 BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, HAS_CMP, HAS_SLC)
     _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, HAS_CMP)
 
 
@@ -216,7 +216,7 @@ def _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD: tl.constexpr, CHUNK: tl.con
 @jit_kernel
 def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, part0, n_cand,
                              sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
-                             sv_b, sv_h, sv_t, sv_d, qk_scale, H: tl.constexpr, G: tl.constexpr,
+                             sv_b, sv_h, sv_t, sv_d, scale, H: tl.constexpr, G: tl.constexpr,
                              G_PAD: tl.constexpr, SEG: tl.constexpr, BLOCK_N: tl.constexpr,
                              N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
                              DV: tl.constexpr, DV_PAD: tl.constexpr, N_SLC: tl.constexpr,
@@ -239,7 +239,7 @@ def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, p
     hi = tl.minimum(lo + SEG, t + 1)
     q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
     # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
-    m_i, l_i, acc = _attend_keys(q, qk_scale, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
+    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
                                  sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK,
                                  DK_PAD, DV, DV_PAD, True, False)
     _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, True)

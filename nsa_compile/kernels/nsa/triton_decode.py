@@ -17,7 +17,7 @@ from ...templates.nsa_decode import (nsa_decode_attend_kernel, nsa_decode_cmp_ke
                                      nsa_decode_combine_kernel, nsa_decode_select_kernel)
 from .inverted import sms
 from .params import NSAParams, num_selection_blocks, supported
-from .triton_fwd import launch_geometry
+from .triton_fwd import _pow2, launch_geometry
 
 BLOCK_N, WARPS = 64, 4
 # Selection blocks per program of the selection kernel; each keeps its n best as candidates,
@@ -27,11 +27,6 @@ SELECT_TILE = 128
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
-LOG2E = 1.4426950408889634
-
-
-def _pow2(x: int, at_least: int = 1) -> int:
-    return max(at_least, triton.next_power_of_2(x))
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -72,7 +67,6 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     if o.numel() == 0:
         return o, None
     G_PAD, DV_PAD = _pow2(G, 16), common["DV_PAD"]
-    qk_scale = params.scale * LOG2E
     Tc = k_cmp.shape[2] if params.needs_cmp else 0
     split = split or compressed_split(Tc, B * H * Tq, dev)
     n_splits = triton.cdiv(Tc, split) if params.needs_cmp else 0
@@ -98,7 +92,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     if n_splits:
         nsa_decode_cmp_kernel[(B * H, Tq, n_splits)](
             q, kc, vc, scores, pm, pl, pacc, T, Tq, Tc, n_parts, split, *q.stride(),
-            *kc.stride(), *vc.stride(), qk_scale, L=params.compress_block,
+            *kc.stride(), *vc.stride(), params.scale, L=params.compress_block,
             D_STRIDE=params.compress_stride, BLOCK_N=BLOCK_N, N_TILES=split // BLOCK_N,
             HAS_CMP=params.has_cmp, HAS_SLC=params.has_slc, num_warps=WARPS, **geometry)
     if params.has_slc:
@@ -112,7 +106,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         block_n = min(BLOCK_N, _pow2(seg, 16))
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
             q, k, v, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, n_cand, *q.stride(),
-            *k.stride(), *v.stride(), qk_scale, SEG=seg, BLOCK_N=block_n,
+            *k.stride(), *v.stride(), params.scale, SEG=seg, BLOCK_N=block_n,
             N_TILES=triton.cdiv(seg, block_n), N_SLC=n_slc, C_PAD=_pow2(n_cand),
             WINDOW=params.window if params.has_win else 0, num_warps=WARPS, **geometry)
     present = [b for b, on in zip(("compressed", "selected", "window"),
