@@ -56,10 +56,7 @@ def nsa_decode_gather(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     qg = naive._gqa(q.to(acc), H) * params.scale  # (B, H, G, Tq, Dk)
     parts: Dict[str, Tensor] = {}
     if params.needs_cmp:
-        l, d = params.compress_block, params.compress_stride
-        kc = k_cmp.to(acc)
-        visible = (torch.arange(kc.shape[2], device=dev) * d + l - 1)[None, :] <= t[:, None]
-        p_cmp = naive.masked_softmax(naive._scores(qg, kc), visible)
+        p_cmp = naive.compressed_probs(qg, k_cmp.to(acc), t, params)
         if params.has_cmp:
             parts["compressed"] = naive._attend(p_cmp, v_cmp.to(acc)).flatten(1, 2)
     if params.has_slc:
@@ -74,11 +71,7 @@ def nsa_decode_gather(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         parts["selected"] = torch.einsum("bhgqk,bhqkd->bhgqd", p,
                                          _gathered(v, pos).to(acc)).flatten(1, 2)
     if params.has_win:
-        lo = max(0, T - Tq - params.window + 1) if params.window else 0
-        keys = torch.arange(lo, T, device=dev)
-        mask = keys[None, :] <= t[:, None]
-        if params.window:
-            mask = mask & (keys[None, :] > t[:, None] - params.window)
-        p = naive.masked_softmax(naive._scores(qg, k[:, :, lo:].to(acc)), mask)
-        parts["window"] = naive._attend(p, v[:, :, lo:].to(acc)).flatten(1, 2)
+        win = naive.window_probs(qg, k, T - Tq, params)
+        values = naive._values(win, v, None).to(acc)
+        parts["window"] = naive._attend(win.probs, values).flatten(1, 2)
     return naive.combine(parts, None if gates is None else gates.to(acc), params).to(q.dtype)

@@ -158,11 +158,8 @@ def chunk_probs(q: Tensor, t0: int, k: Tensor, k_cmp: Optional[Tensor], params: 
     out: Dict[str, BranchProbs] = {}
     idx = None
     if params.needs_cmp:
-        l, d = params.compress_block, params.compress_stride
         Tc = k_cmp.shape[2]
-        s = _scores(qg, k_cmp)
-        visible = (torch.arange(Tc, device=dev) * d + l - 1)[None, :] <= t[:, None]
-        p_cmp = masked_softmax(s, visible)
+        p_cmp = compressed_probs(qg, k_cmp, t, params)
         if params.has_cmp:
             out["compressed"] = BranchProbs(p_cmp, None, Tc)
     if params.has_slc:
@@ -178,15 +175,32 @@ def chunk_probs(q: Tensor, t0: int, k: Tensor, k_cmp: Optional[Tensor], params: 
         s = _scores(qg, k[:, :, :end])
         out["selected"] = BranchProbs(masked_softmax(s, mask[:, :, None]), 0, end)
     if params.has_win:
-        w_len = params.window
-        lo = max(0, t0 - w_len + 1) if w_len else 0
-        keys = torch.arange(lo, end, device=dev)
-        mask = keys[None, :] <= t[:, None]
-        if w_len:
-            mask = mask & (keys[None, :] > t[:, None] - w_len)
-        s = _scores(qg, k[:, :, lo - k0:end - k0])
-        out["window"] = BranchProbs(masked_softmax(s, mask), lo - k0, end - k0)
+        out["window"] = window_probs(qg, k, t0, params, k0)
     return out, idx
+
+
+def compressed_probs(qg: Tensor, k_cmp: Tensor, t: Tensor, params: NSAParams) -> Tensor:
+    """The compressed branch's probabilities (B, H, G, C, Tc) of the scaled queries qg
+    (B, H, G, C, Dk) at positions t (C,): block i is visible once it ends, i·d + l - 1 <= t."""
+    l, d = params.compress_block, params.compress_stride
+    ends = torch.arange(k_cmp.shape[2], device=qg.device) * d + l - 1
+    return masked_softmax(_scores(qg, k_cmp), ends[None, :] <= t[:, None])
+
+
+def window_probs(qg: Tensor, k: Tensor, t0: int, params: NSAParams, k0: int = 0) -> BranchProbs:
+    """The window branch's probabilities of the scaled queries qg (B, H, G, C, Dk) at positions
+    t0 … t0+C-1 over k, which holds the keys from position k0 on (through t0 + C - 1); the
+    window's keys are read in qg's dtype."""
+    end = t0 + qg.shape[3]
+    w_len = params.window
+    lo = max(0, t0 - w_len + 1) if w_len else 0
+    t = torch.arange(t0, end, device=qg.device)
+    keys = torch.arange(lo, end, device=qg.device)
+    mask = keys[None, :] <= t[:, None]
+    if w_len:
+        mask = mask & (keys[None, :] > t[:, None] - w_len)
+    s = _scores(qg, k[:, :, lo - k0:end - k0].to(qg.dtype))
+    return BranchProbs(masked_softmax(s, mask), lo - k0, end - k0)
 
 
 def _values(branch: BranchProbs, v: Tensor, v_cmp: Optional[Tensor]) -> Tensor:
