@@ -97,9 +97,9 @@ def nsa_attention_decode(q: Tensor, k: Tensor, v: Tensor, *, config: NSAConfig,
     (B, H, T, Dv); gates: (B, HQ, Tq, len(config.branches)) or None; k_cmp/v_cmp as in
     `nsa_attention` (over all T keys). Returns (B, HQ, Tq, Dv), equal to
     `nsa_attention` over the whole sequence at those positions, at a cost that grows with Tq·T
-    instead of T² (`nsa_compile::nsa_decode`: on CUDA the Triton decoding kernels, elsewhere the
-    reference's chunked queries). Not differentiable: it is for inference; `nsa_attention` on
-    the padded queries gives gradients.
+    instead of T² (`nsa_compile::nsa_decode`: on CUDA the Triton decoding kernels, elsewhere a
+    PyTorch kernel that gathers the chosen blocks). Not differentiable: it is for inference;
+    `nsa_attention` on the padded queries gives gradients.
     """
     T = k.shape[2] if k.dim() == 4 else 0
     params = _validate(q, k, v, config, gates, scale, T)

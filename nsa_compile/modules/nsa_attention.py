@@ -152,18 +152,14 @@ class KeepCompressedKeys:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kv_cache(kwargs, output)
-        if torch.compiler.is_compiling():  # a compiled step extends no memo: drop the old one
-            if cache is not None and getattr(cache, _MEMO_ATTR, None) is not None:
-                setattr(cache, _MEMO_ATTR, None)
-            return
-        memos = [nsa.__dict__.pop("_memo_next", None) for nsa in self.modules]
-        for nsa in self.modules:
-            nsa.__dict__.pop("_memo_prev", None)
-            nsa.__dict__.pop("_memo_calls", None)
-        if cache is None:
-            return
-        if any(m is None for m in memos):
-            if getattr(cache, _MEMO_ATTR, None) is not None:
-                setattr(cache, _MEMO_ATTR, None)
-            return
-        keep_on_cache(cache, _MEMO_ATTR, memos)
+        memos = None  # a compiled step extends no memo: the old one goes
+        if not torch.compiler.is_compiling():
+            memos = [nsa.__dict__.pop("_memo_next", None) for nsa in self.modules]
+            for nsa in self.modules:
+                nsa.__dict__.pop("_memo_prev", None)
+                nsa.__dict__.pop("_memo_calls", None)
+            if any(m is None for m in memos):
+                memos = None
+        if cache is not None and (memos is not None
+                                  or getattr(cache, _MEMO_ATTR, None) is not None):
+            keep_on_cache(cache, _MEMO_ATTR, memos)
