@@ -73,7 +73,8 @@ def main():
             q = torch.randn(B, HQ, 1, D, device="cuda", dtype=dt)
             k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dt) for _ in range(2))
             gates = torch.rand(B, HQ, 1, 3, device="cuda", dtype=dt)
-            kc, vc = naive.mean_pool(k, 32, 16), naive.mean_pool(v, 32, 16)
+            l, d = cfg.compress_block, cfg.compress_stride
+            kc, vc = naive.mean_pool(k, l, d), naive.mean_pool(v, l, d)
             ours = lambda: nsa_attention_decode(q, k, v, config=cfg, gates=gates, k_cmp=kc,
                                                 v_cmp=vc)
             dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
