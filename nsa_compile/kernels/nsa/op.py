@@ -41,11 +41,11 @@ def _triton_path(q: Tensor, v: Tensor, params: NSAParams) -> bool:
     return reason is None
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, fallback: str = "the PyTorch reference") -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using the PyTorch reference "
-                      "(slow)", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"nsa_compile: no Triton kernel for {reason}; using {fallback} (slow)",
+                      RuntimeWarning, stacklevel=5)
 
 
 def _residual_shapes(q: Tensor, k: Tensor, v: Tensor, params: NSAParams, save: bool):
@@ -177,7 +177,7 @@ def _nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, *args):
     from .triton_decode import decode_supported, nsa_decode_cuda
     reason = decode_supported(params, k.shape[2], q.shape[-1], v.shape[-1])
     if reason is not None:
-        _warn_once(reason)
+        _warn_once(reason, "the PyTorch decoding kernel")
         return nsa_decode_gather(q, k, v, gates, k_cmp, v_cmp, params)
     return nsa_decode_cuda(q, k, v, gates, k_cmp, v_cmp, params)
 
