@@ -120,53 +120,66 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
 
 
 @triton.jit
-def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
-                 DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr):
-    """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, DV_PAD) unnormalised (zeros without
-    HAS_ACC: the lse alone)."""
+def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr,
+                 P_CHUNK: tl.constexpr):
+    """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, BLOCK_DV) the unnormalised output's
+    columns d0 … d0+BLOCK_DV-1 (zeros without HAS_ACC: the lse alone). P_CHUNK parts per load,
+    so the loads of a chunk are in flight together instead of one part's after another's."""
     m_all = tl.full([G_PAD], float("-inf"), tl.float32)
     l_all = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-    for p in range(p0, p1):
-        off = _part_offsets(bh, r, p, Tq, n_parts, G_PAD)
-        m_p, l_p = tl.load(PM + off), tl.load(PL + off)
-        m_new = tl.maximum(m_all, m_p)
+    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+    chunk = tl.arange(0, P_CHUNK)
+    g = tl.arange(0, G_PAD)
+    d = d0 + tl.arange(0, BLOCK_DV)
+    base = (bh.to(tl.int64) * Tq + r) * n_parts
+    for c0 in range(p0, p1, P_CHUNK):
+        p_ok = (c0 + chunk < p1)[:, None]
+        off = (base + c0 + chunk)[:, None] * G_PAD + g[None, :]  # (P_CHUNK, G_PAD)
+        m_p = tl.load(PM + off, mask=p_ok, other=float("-inf"))
+        l_p = tl.load(PL + off, mask=p_ok, other=0.0)
+        m_new = tl.maximum(m_all, tl.max(m_p, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe)
-        l_all = l_all * alpha + l_p * beta
+        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe[None, :])
+        l_all = l_all * alpha + tl.sum(l_p * beta, 0)
         if HAS_ACC:
-            a_p = tl.load(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :])
-            acc = acc * alpha[:, None] + a_p * beta[:, None]
+            a_p = tl.load(PACC + off[:, :, None] * DV_PAD + d[None, None, :],
+                          mask=p_ok[:, :, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(a_p * beta[:, :, None], 0)
         m_all = m_new
     return m_all, l_all, acc
 
 
 @triton.jit
-def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD: tl.constexpr,
-                   DV_PAD: tl.constexpr):
-    """The normalised output (G_PAD, DV_PAD) of parts p0 … p1-1; rows that saw nothing give 0."""
-    _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, G_PAD, DV_PAD, True)
+def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, P_CHUNK: tl.constexpr):
+    """Columns d0 … d0+BLOCK_DV-1 of the normalised output (G_PAD, BLOCK_DV) of parts p0 …
+    p1-1; rows that saw nothing give 0."""
+    _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD, BLOCK_DV,
+                                 DV_PAD, True, P_CHUNK)
     return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
 
 
 @jit_kernel
 def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
-                             G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr,
-                             D_STRIDE: tl.constexpr, L_SEL: tl.constexpr, N_SEL: tl.constexpr,
-                             INITIAL: tl.constexpr, LOCAL: tl.constexpr,
-                             BLOCK_J: tl.constexpr, U_PAD: tl.constexpr):
-    """Grid (B·H, Tq, selection-block tiles): the N_SEL best blocks of tile jt (BLOCK_J blocks)
-    as packed (score, index) keys, best first, into CAND[bh, r, jt, :] (-1: none); the
-    attend kernel ranks all tiles' candidates. Score as `naive.select_blocks`: +inf for the
-    forced first/local blocks, else the importance Σ_g Σ_i w_ij p_gi, p the compressed
-    softmax (its lse from parts 0 … n_splits-1); blocks not yet started are left out."""
+                             G: tl.constexpr, G_PAD: tl.constexpr, G_CHUNK: tl.constexpr,
+                             L: tl.constexpr, D_STRIDE: tl.constexpr, L_SEL: tl.constexpr,
+                             N_SEL: tl.constexpr, N_PAD: tl.constexpr, INITIAL: tl.constexpr,
+                             LOCAL: tl.constexpr, BLOCK_J: tl.constexpr, U_PAD: tl.constexpr,
+                             P_CHUNK: tl.constexpr):
+    """Grid (B·H, Tq, selection-block tiles): the N_SEL best blocks of tile jt (BLOCK_J >=
+    N_PAD blocks) as packed (score, index) keys, best first, into CAND[bh, r, jt, :] (-1:
+    none); the attend kernel ranks all tiles' candidates. Score as `naive.select_blocks`: +inf
+    for the forced first/local blocks, else the importance Σ_g Σ_i w_ij p_gi, p the compressed
+    softmax (its lse from parts 0 … n_splits-1); blocks not yet started are left out. The
+    group's scores are read G_CHUNK query heads per load."""
     bh, r, jt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = T - Tq + r
     n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
     g, g_ok = _group_rows(G, G_PAD)
-    # the compressed splits' (m, l) alone (no acc: PACC and DV_PAD are placeholders)
-    m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, G_PAD, 16,
-                                   False)
+    # the compressed splits' (m, l) alone (no acc: PACC and the column sizes are placeholders)
+    m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, 0, G_PAD, 16,
+                                   16, False, P_CHUNK)
     seen = l_all > 0
     lse = tl.where(seen, tl.where(seen, m_all, 0.0) + tl.log2(tl.where(seen, l_all, 1.0)),
                    float("inf"))
@@ -182,19 +195,20 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     w = tl.where(i_ok, w, 0).to(tl.float32)
     imp = tl.zeros([BLOCK_J], tl.float32)
     row0 = (bh.to(tl.int64) * Tq + r) * G
-    for gg in range(0, G):
-        lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
-        s = tl.load(SCORES + (row0 + gg) * Tc + i, mask=i_ok, other=float("-inf"))
-        imp += tl.sum(w * tl.exp2(s - lse_g), 1)
+    for g0 in range(0, G, G_CHUNK):
+        gc = g0 + tl.arange(0, G_CHUNK)
+        lse_c = tl.sum(tl.where(g[None, :] == gc[:, None], lse[None, :], 0.0), 1)
+        s = tl.load(SCORES + (row0 + gc)[:, None, None] * Tc + i[None, :, :],
+                    mask=(gc < G)[:, None, None] & i_ok[None, :, :], other=float("-inf"))
+        imp += tl.sum(tl.sum(w[None, :, :] * tl.exp2(s - lse_c[:, None, None]), 2), 0)
     own = t // L_SEL
     started = j <= own
     forced = started & ((j < INITIAL) | (j > own - LOCAL))
     key = tl.where(started, pack_key(tl.where(forced, float("inf"), imp), j), -1)
+    best = tl.topk(key, N_PAD)
+    n = tl.arange(0, N_PAD)
     base = ((bh.to(tl.int64) * Tq + r) * tl.num_programs(2) + jt) * N_SEL
-    for n in tl.static_range(N_SEL):
-        best = tl.max(key, 0)
-        tl.store(CAND + base + n, best)
-        key = tl.where(key == best, -1, key)
+    tl.store(CAND + base + n, best, mask=n < N_SEL)
 
 
 @triton.jit
@@ -250,34 +264,36 @@ def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_w
                               so_b, so_h, so_t, so_d, sg_b, sg_h, sg_t, sg_c,
                               gate_cmp, gate_slc, gate_win, H: tl.constexpr, G: tl.constexpr,
                               G_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                              N_SLC: tl.constexpr, HAS_CMP: tl.constexpr,
-                              HAS_WIN: tl.constexpr, HAS_GATES: tl.constexpr,
-                              SLOT_SLC: tl.constexpr, SLOT_WIN: tl.constexpr):
-    """Grid (B·H, Tq): o[b, hq, r] = Σ_branch gate · (that branch's parts merged); parts are
-    [0, n_splits) compressed, then N_SLC selected, then n_win window; gate slots 0 (compressed),
-    SLOT_SLC, SLOT_WIN."""
-    bh, r = tl.program_id(0), tl.program_id(1)
+                              BLOCK_DV: tl.constexpr, N_SLC: tl.constexpr,
+                              HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr,
+                              HAS_GATES: tl.constexpr, SLOT_SLC: tl.constexpr,
+                              SLOT_WIN: tl.constexpr, P_CHUNK: tl.constexpr):
+    """Grid (B·H, Tq, DV_PAD / BLOCK_DV): columns dt·BLOCK_DV … of o[b, hq, r] = Σ_branch
+    gate · (that branch's parts merged); parts are [0, n_splits) compressed, then N_SLC
+    selected, then n_win window; gate slots 0 (compressed), SLOT_SLC, SLOT_WIN."""
+    bh, r, d0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_DV
     b, h = bh // H, bh % H
     g, ok = _group_rows(G, G_PAD)
     hq = h * G + g
     tok = r + g * 0
-    o = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    o = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     if HAS_CMP:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_cmp, HAS_GATES, 0)
-        o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits,
-                                            G_PAD, DV_PAD)
+        o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits, d0,
+                                            G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
     if N_SLC > 0:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_slc, HAS_GATES,
                          SLOT_SLC)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
-                                            n_splits + N_SLC, G_PAD, DV_PAD)
+                                            n_splits + N_SLC, d0, G_PAD, BLOCK_DV, DV_PAD,
+                                            P_CHUNK)
     if HAS_WIN:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_win, HAS_GATES,
                          SLOT_WIN)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts,
-                                            n_splits + N_SLC, n_splits + N_SLC + n_win,
-                                            G_PAD, DV_PAD)
-    d = tl.arange(0, DV_PAD)
+                                            n_splits + N_SLC, n_splits + N_SLC + n_win, d0,
+                                            G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
+    d = d0 + tl.arange(0, BLOCK_DV)
     off = b.to(tl.int64) * so_b + hq.to(tl.int64)[:, None] * so_h + r.to(tl.int64) * so_t
     tl.store(O + off + d[None, :] * so_d, o.to(O.dtype.element_ty),
              mask=ok[:, None] & (d[None, :] < DV))

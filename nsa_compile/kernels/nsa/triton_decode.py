@@ -27,6 +27,9 @@ SELECT_TILE = 128
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
+# Parts merged per load (selection, combine), query heads per load of the selection's scores,
+# and output columns per combine program: each load a few thousand elements.
+PART_CHUNK, HEAD_CHUNK, COMBINE_COLUMNS = 8, 4, 32
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -79,7 +82,9 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     pm = torch.empty(B * H, Tq, n_parts, G_PAD, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * H, Tq, n_parts, G_PAD, DV_PAD, device=dev, dtype=torch.float32)
-    n_jtiles = triton.cdiv(num_selection_blocks(T, lp), SELECT_TILE) if params.has_slc else 0
+    n_pad = _pow2(n_sel)
+    select_tile = max(SELECT_TILE, n_pad)
+    n_jtiles = triton.cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
     idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
@@ -99,9 +104,10 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         r, qc = params.compress_block // params.compress_stride, lp // params.compress_stride
         nsa_decode_select_kernel[(B * H, Tq, n_jtiles)](
             scores, pm, pl, cand, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
-            L=params.compress_block, D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel,
-            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=SELECT_TILE,
-            U_PAD=_pow2(qc + r - 1), num_warps=WARPS)
+            G_CHUNK=min(HEAD_CHUNK, _pow2(G)), L=params.compress_block,
+            D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel, N_PAD=n_pad,
+            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=select_tile,
+            U_PAD=_pow2(qc + r - 1), P_CHUNK=PART_CHUNK, num_warps=WARPS)
     if n_slc + n_win:
         block_n = min(BLOCK_N, _pow2(seg, 16))
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
@@ -112,12 +118,14 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     present = [b for b, on in zip(("compressed", "selected", "window"),
                                   (params.has_cmp, params.has_slc, params.has_win)) if on]
     weights = dict(zip(present, fixed))
-    nsa_decode_combine_kernel[(B * H, Tq)](
+    block_dv = min(COMBINE_COLUMNS, DV_PAD)
+    nsa_decode_combine_kernel[(B * H, Tq, DV_PAD // block_dv)](
         pm, pl, pacc, gates if gates is not None else o, o, Tq, n_parts, n_splits, n_win,
         *o.stride(), *gstr, weights.get("compressed", 0.0), weights.get("selected", 0.0),
-        weights.get("window", 0.0), H=H, G=G, G_PAD=G_PAD, DV=DV, DV_PAD=DV_PAD, N_SLC=n_slc,
-        HAS_CMP=params.has_cmp, HAS_WIN=params.has_win, HAS_GATES=gates is not None,
-        SLOT_SLC=present.index("selected") if params.has_slc else 0,
-        SLOT_WIN=present.index("window") if params.has_win else 0, num_warps=WARPS)
+        weights.get("window", 0.0), H=H, G=G, G_PAD=G_PAD, DV=DV, DV_PAD=DV_PAD,
+        BLOCK_DV=block_dv, N_SLC=n_slc, HAS_CMP=params.has_cmp, HAS_WIN=params.has_win,
+        HAS_GATES=gates is not None, SLOT_SLC=present.index("selected") if params.has_slc else 0,
+        SLOT_WIN=present.index("window") if params.has_win else 0, P_CHUNK=PART_CHUNK,
+        num_warps=WARPS)
     blocks = idx.view(B, H, Tq, n_sel) if params.has_slc else None
     return o, blocks
