@@ -14,7 +14,7 @@ query heads, so each key is read once for the whole group. The work of one posit
      all tiles' candidates and takes the u-th) and per window segment (the rest), each at most
      SEG keys;
   4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
-Parts live in fp32 scratch (B·H, Tq, n_parts, G_PAD[, Dv_PAD]); scores in log2 units (times
+Parts live in fp32 scratch (B·H, Tq, n_parts, G[, Dv_PAD]); scores in log2 units (times
 scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq < T.
 """
 import triton
@@ -31,20 +31,16 @@ def _group_rows(G: tl.constexpr, G_PAD: tl.constexpr):
 
 
 @triton.jit
-def _part_offsets(bh, r, part, Tq, n_parts, G_PAD: tl.constexpr):
-    """Offsets of the G_PAD (m, l) slots of one part in the (B·H, Tq, n_parts, G_PAD) scratch."""
-    base = ((bh.to(tl.int64) * Tq + r) * n_parts + part) * G_PAD
-    return base + tl.arange(0, G_PAD)
-
-
-@triton.jit
-def _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc,
+def _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc, G: tl.constexpr,
                 G_PAD: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr):
-    off = _part_offsets(bh, r, part, Tq, n_parts, G_PAD)
-    tl.store(PM + off, m_i)
-    tl.store(PL + off, l_i)
+    """Part `part` of row r: the group's G rows of (m, l[, acc]) into the scratch."""
+    g, ok = _group_rows(G, G_PAD)
+    off = ((bh.to(tl.int64) * Tq + r) * n_parts + part) * G + g
+    tl.store(PM + off, m_i, mask=ok)
+    tl.store(PL + off, l_i, mask=ok)
     if HAS_ACC:
-        tl.store(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :], acc)
+        tl.store(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :], acc,
+                 mask=ok[:, None])
 
 
 @triton.jit
@@ -116,11 +112,13 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
     m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, SCORES, score_row, g_ok, Tc, b, h,
                                  lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD,
                                  BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, HAS_CMP, HAS_SLC)
-    _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, HAS_CMP)
+    _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
+                HAS_CMP)
 
 
 @triton.jit
-def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constexpr,
+def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
+                 G_PAD: tl.constexpr,
                  BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr,
                  P_CHUNK: tl.constexpr):
     """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, BLOCK_DV) the unnormalised output's
@@ -130,12 +128,12 @@ def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constex
     l_all = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     chunk = tl.arange(0, P_CHUNK)
-    g = tl.arange(0, G_PAD)
+    g, g_ok = _group_rows(G, G_PAD)
     d = d0 + tl.arange(0, BLOCK_DV)
     base = (bh.to(tl.int64) * Tq + r) * n_parts
     for c0 in range(p0, p1, P_CHUNK):
-        p_ok = (c0 + chunk < p1)[:, None]
-        off = (base + c0 + chunk)[:, None] * G_PAD + g[None, :]  # (P_CHUNK, G_PAD)
+        p_ok = (c0 + chunk < p1)[:, None] & g_ok[None, :]
+        off = (base + c0 + chunk)[:, None] * G + g[None, :]  # (P_CHUNK, G_PAD)
         m_p = tl.load(PM + off, mask=p_ok, other=float("-inf"))
         l_p = tl.load(PL + off, mask=p_ok, other=0.0)
         m_new = tl.maximum(m_all, tl.max(m_p, 0))
@@ -151,12 +149,13 @@ def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constex
 
 
 @triton.jit
-def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD: tl.constexpr,
+def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
+                   G_PAD: tl.constexpr,
                    BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, P_CHUNK: tl.constexpr):
     """Columns d0 … d0+BLOCK_DV-1 of the normalised output (G_PAD, BLOCK_DV) of parts p0 …
     p1-1; rows that saw nothing give 0."""
-    _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G_PAD, BLOCK_DV,
-                                 DV_PAD, True, P_CHUNK)
+    _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G, G_PAD,
+                                 BLOCK_DV, DV_PAD, True, P_CHUNK)
     return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
 
 
@@ -178,8 +177,8 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
     g, g_ok = _group_rows(G, G_PAD)
     # the compressed splits' (m, l) alone (no acc: PACC and the column sizes are placeholders)
-    m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, 0, G_PAD, 16,
-                                   16, False, P_CHUNK)
+    m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, 0, G, G_PAD,
+                                   16, 16, False, P_CHUNK)
     seen = l_all > 0
     lse = tl.where(seen, tl.where(seen, m_all, 0.0) + tl.log2(tl.where(seen, l_all, 1.0)),
                    float("inf"))
@@ -256,7 +255,8 @@ def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, p
     m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
                                  sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK,
                                  DK_PAD, DV, DV_PAD, True, False)
-    _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G_PAD, DV_PAD, True)
+    _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
+                True)
 
 
 @jit_kernel
@@ -280,19 +280,19 @@ def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_w
     if HAS_CMP:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_cmp, HAS_GATES, 0)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits, d0,
-                                            G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
+                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
     if N_SLC > 0:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_slc, HAS_GATES,
                          SLOT_SLC)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
-                                            n_splits + N_SLC, d0, G_PAD, BLOCK_DV, DV_PAD,
-                                            P_CHUNK)
+                                            n_splits + N_SLC, d0, G, G_PAD, BLOCK_DV,
+                                            DV_PAD, P_CHUNK)
     if HAS_WIN:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_win, HAS_GATES,
                          SLOT_WIN)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts,
                                             n_splits + N_SLC, n_splits + N_SLC + n_win, d0,
-                                            G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
+                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
     d = d0 + tl.arange(0, BLOCK_DV)
     off = b.to(tl.int64) * so_b + hq.to(tl.int64)[:, None] * so_h + r.to(tl.int64) * so_t
     tl.store(O + off + d[None, :] * so_d, o.to(O.dtype.element_ty),

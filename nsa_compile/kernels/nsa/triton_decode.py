@@ -79,9 +79,9 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     span = min(params.window or T, T)
     n_win = triton.cdiv(span, seg) if params.has_win else 0
     n_parts = n_splits + n_slc + n_win
-    pm = torch.empty(B * H, Tq, n_parts, G_PAD, device=dev, dtype=torch.float32)
+    pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    pacc = torch.empty(B * H, Tq, n_parts, G_PAD, DV_PAD, device=dev, dtype=torch.float32)
+    pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev, dtype=torch.float32)
     n_pad = _pow2(n_sel)
     select_tile = max(SELECT_TILE, n_pad)
     n_jtiles = triton.cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
