@@ -14,7 +14,8 @@ query heads, so each key is read once for the whole group. The work of one posit
      all tiles' candidates and takes the u-th) and per window segment (the rest), each at most
      SEG keys;
   4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
-Parts live in fp32 scratch (B·H, Tq, n_parts, G[, Dv_PAD]); scores in log2 units (times
+Parts live in scratch (B·H, Tq, n_parts, G[, Dv_PAD]): m and l in fp32, the normalised
+output in the input's dtype (the launcher's PARTS_IN_INPUT_DTYPE; else fp32); scores in log2 units (times
 scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq < T.
 """
 import triton
@@ -33,14 +34,16 @@ def _group_rows(G: tl.constexpr, G_PAD: tl.constexpr):
 @triton.jit
 def _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc, G: tl.constexpr,
                 G_PAD: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr):
-    """Part `part` of row r: the group's G rows of (m, l[, acc]) into the scratch."""
+    """Part `part` of row r: the group's G rows of (m, l[, acc / l]) into the scratch (the
+    output normalised, so PACC may be of the input's dtype)."""
     g, ok = _group_rows(G, G_PAD)
     off = ((bh.to(tl.int64) * Tq + r) * n_parts + part) * G + g
     tl.store(PM + off, m_i, mask=ok)
     tl.store(PL + off, l_i, mask=ok)
     if HAS_ACC:
-        tl.store(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :], acc,
-                 mask=ok[:, None])
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(PACC + off[:, None] * DV_PAD + tl.arange(0, DV_PAD)[None, :],
+                 o.to(PACC.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -118,9 +121,8 @@ def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, s
 
 @triton.jit
 def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
-                 G_PAD: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr,
-                 P_CHUNK: tl.constexpr):
+                 G_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr,
+                 HAS_ACC: tl.constexpr, P_CHUNK: tl.constexpr):
     """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, BLOCK_DV) the unnormalised output's
     columns d0 … d0+BLOCK_DV-1 (zeros without HAS_ACC: the lse alone). P_CHUNK parts per load,
     so the loads of a chunk are in flight together instead of one part's after another's."""
@@ -141,17 +143,17 @@ def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
         alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe[None, :])
         l_all = l_all * alpha + tl.sum(l_p * beta, 0)
         if HAS_ACC:
-            a_p = tl.load(PACC + off[:, :, None] * DV_PAD + d[None, None, :],
-                          mask=p_ok[:, :, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(a_p * beta[:, :, None], 0)
+            o_p = tl.load(PACC + off[:, :, None] * DV_PAD + d[None, None, :],
+                          mask=p_ok[:, :, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(o_p * (l_p * beta)[:, :, None], 0)
         m_all = m_new
     return m_all, l_all, acc
 
 
 @triton.jit
 def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
-                   G_PAD: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr, P_CHUNK: tl.constexpr):
+                   G_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr,
+                   P_CHUNK: tl.constexpr):
     """Columns d0 … d0+BLOCK_DV-1 of the normalised output (G_PAD, BLOCK_DV) of parts p0 …
     p1-1; rows that saw nothing give 0."""
     _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G, G_PAD,

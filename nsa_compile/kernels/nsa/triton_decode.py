@@ -3,7 +3,9 @@ of a sequence against its KV cache, the CUDA path of `ops.nsa_attention_decode`.
 
 Decoding is memory-bound (a handful of queries per KV head), so the block sizes are fixed, not
 tuned: 64 keys per tile, and as many compressed-key splits as it takes to give every SM a few
-programs (flash-decoding). The scratch of partial softmaxes is fp32.
+programs (flash-decoding). The partial softmaxes' statistics are fp32, their normalised outputs
+in the input's dtype (half the scratch traffic in bf16; the forward's block-by-block partials
+do the same).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ PROGRAMS_PER_SM = 4
 # Parts merged per load (selection, combine), query heads per load of the selection's scores,
 # and output columns per combine program: each load a few thousand elements.
 PART_CHUNK, HEAD_CHUNK, COMBINE_COLUMNS = 8, 4, 32
+# The parts' normalised outputs in q's dtype (else fp32).
+PARTS_IN_INPUT_DTYPE = True
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -81,7 +85,8 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     n_parts = n_splits + n_slc + n_win
     pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev, dtype=torch.float32)
+    pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev,
+                       dtype=q.dtype if PARTS_IN_INPUT_DTYPE else torch.float32)
     n_pad = _pow2(n_sel)
     select_tile = max(SELECT_TILE, n_pad)
     n_jtiles = triton.cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
