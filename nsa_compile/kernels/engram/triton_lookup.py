@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..host import cdiv, next_pow2
+
 
 @dataclass(frozen=True)
 class EngramKernelConfig:
@@ -175,9 +177,9 @@ def engram_lookup(ids: Tensor, canon: Tensor, multipliers: Tensor, primes: Tenso
     N = B * T
     if N == 0:
         return emb, rows
-    k_pad, block_d = triton.next_power_of_2(K), triton.next_power_of_2(dh)
-    block_t = max(1, triton.next_power_of_2(cfg.tile // (k_pad * block_d) + 1) // 2)
-    grid = (triton.cdiv(N, block_t),)
+    k_pad, block_d = next_pow2(K), next_pow2(dh)
+    block_t = max(1, next_pow2(cfg.tile // (k_pad * block_d) + 1) // 2)
+    grid = (cdiv(N, block_t),)
     _engram_fwd_kernel[grid](
         ids, canon.contiguous(), multipliers.contiguous(), primes.contiguous(),
         offsets.contiguous(), pad_id, table, emb, rows, N, T, canon.shape[0], dh,
@@ -200,11 +202,11 @@ def engram_table_grad(grad_emb: Tensor, rows: Tensor, num_rows: int,
     # 32-bit keys halve the radix sort's passes; the table never has 2**31 rows in practice
     keys = flat.to(torch.int32) if num_rows < 2 ** 31 else flat
     sorted_rows, perm = torch.sort(keys, stable=True)
-    num_blocks = triton.cdiv(N, cfg.block_n)
+    num_blocks = cdiv(N, cfg.block_n)
     # per-block partial sums of the runs crossing block edges (fp32, read only where written)
     first = torch.empty(num_blocks, dh, dtype=torch.float32, device=out.device)
     last = torch.empty(num_blocks, dh, dtype=torch.float32, device=out.device)
-    block_d = triton.next_power_of_2(dh)
+    block_d = next_pow2(dh)
     grad = grad_emb.contiguous()
     _engram_bwd_kernel[(num_blocks,)](sorted_rows, perm, grad, out, first, last, N, dh,
                                       BLOCK_N=cfg.block_n, BLOCK_D=block_d,

@@ -12,8 +12,9 @@ import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
+
+from ..host import cdiv
 
 # A block's list is taken in chunks of this many entries at most (and at least MIN_LIST_CHUNK,
 # so the partial sums stay few).
@@ -51,7 +52,7 @@ def list_chunk(entries: int, block_t: int, device: torch.device) -> int:
     of an SM's share of all `entries`, so no list (block 0's holds every query) runs much
     longer than the rest of the kernel."""
     chunk = min(MAX_LIST_CHUNK, max(MIN_LIST_CHUNK, entries // (8 * sms(device))))
-    return triton.cdiv(chunk, block_t) * block_t
+    return cdiv(chunk, block_t) * block_t
 
 
 def position_chunk(T: int, bytes_per_position: int) -> int:
@@ -64,7 +65,7 @@ def position_chunk(T: int, bytes_per_position: int) -> int:
         return max(T, 1)
     step = MIN_POSITION_CHUNK
     fit = max(step, fit // step * step)
-    return triton.cdiv(triton.cdiv(T, triton.cdiv(T, fit)), step) * step
+    return cdiv(cdiv(T, cdiv(T, fit)), step) * step
 
 
 def invert_selection(block_idx: Tensor, n_blocks: int, t0: int = 0,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
 
+from ..host import cdiv
 from ...templates.nsa_bwd import (nsa_bwd_rows_kernel, nsa_dense_bwd_dkdv_kernel,
                                   nsa_dense_bwd_dq_kernel, nsa_slc_bwd_dkdv_kernel,
                                   nsa_slc_bwd_dq_kernel, nsa_slc_bwd_dq_merge_kernel,
@@ -42,7 +42,7 @@ def query_splits(T: int, tiles: int, device: torch.device) -> int:
     """Query chunks for the compressed dK/dV kernel: enough programs for
     SPLIT_PROGRAMS_PER_SM per SM."""
     return max(1, min(T // MIN_SPLIT_QUERIES,
-                      triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms(device), tiles)))
+                      cdiv(SPLIT_PROGRAMS_PER_SM * sms(device), tiles)))
 
 
 def partial_slots(starts: Tensor, chunk: int) -> Tensor:
@@ -104,7 +104,7 @@ class _Backward:
         rows = self._branch(name)
         cfg, g_pad, block_t = self._rows(self._kind(name, "dq"))
         k_tiles, v_tiles, tma = tile_pair(keys, values, cfg.block_n)
-        nsa_dense_bwd_dq_kernel[(triton.cdiv(self.T, block_t), self.B * self.H)](
+        nsa_dense_bwd_dq_kernel[(cdiv(self.T, block_t), self.B * self.H)](
             self.q, keys, values, k_tiles, v_tiles, self.do, rows, self.dq,
             self.dq_out if name == "window" else self.dq, *self._strides(keys, values),
             *self.dq.stride(), self.T, keys.shape[2], self.n_rows, self.params.scale,
@@ -125,15 +125,15 @@ class _Backward:
         if n_keys:
             rows = self._branch(name)
             cfg, g_pad, block_t = self._rows(self._kind(name, "dkdv"))
-            programs = triton.cdiv(n_keys, cfg.block_n) * self.B * self.H
+            programs = cdiv(n_keys, cfg.block_n) * self.B * self.H
             splits = query_splits(self.T, programs, self.q.device) if name == "compressed" else 1
-            q_chunk = triton.cdiv(triton.cdiv(self.T, splits), block_t) * block_t
+            q_chunk = cdiv(cdiv(self.T, splits), block_t) * block_t
             out_k, out_v = (self.dk_out, self.dv_out) if name == "window" else (dk, dv)
             if splits > 1:
                 out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
                 out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
             q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
-            nsa_dense_bwd_dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), self.B * self.H,
+            nsa_dense_bwd_dkdv_kernel[(cdiv(n_keys, cfg.block_n), self.B * self.H,
                                        splits)](
                 self.q, keys, values, self.do, q_tiles, do_tiles, rows, dk, dv, out_k, out_v,
                 *self._strides(keys, values), *out_k[0].stride() if splits > 1 else dk.stride(),
@@ -186,7 +186,7 @@ class _Backward:
             inv = invert_selection(block_idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo)
             self.selected_dkdv(inv, n_pos, n_blocks, dq_part)
             if fuse:
-                nsa_slc_bwd_dq_merge_kernel[(triton.cdiv(n_pos, merge_t), B * H)](
+                nsa_slc_bwd_dq_merge_kernel[(cdiv(n_pos, merge_t), B * H)](
                     block_idx, dq_part, self.dq, *self.dq.stride(), T, t_lo, n_pos, H=H,
                     G=self.G, G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count, N_PAD=n_pad,
                     DK=DK, DK_PAD=self.common["DK_PAD"], ACCUMULATE=self.wrote_dq,
@@ -208,7 +208,7 @@ class _Backward:
         dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
-        nsa_slc_bwd_dkdv_kernel[(triton.cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
+        nsa_slc_bwd_dkdv_kernel[(cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
             self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
@@ -246,7 +246,7 @@ def row_stats(do: Tensor, branch_out: Tensor, lse: Tensor, gates: Optional[Tenso
     rows = do.new_empty(nb, 3, B, kv_heads, T, HQ // kv_heads, dtype=torch.float32)
     dgates = None if gates is None else torch.empty_like(gates)
     fixed = params.gate_weights
-    nsa_bwd_rows_kernel[(triton.cdiv(n_rows, ROWS_BLOCK),)](
+    nsa_bwd_rows_kernel[(cdiv(n_rows, ROWS_BLOCK),)](
         do, branch_out, lse, gates, dgates, rows, n_rows, T,
         *(gates.stride() if gates is not None else (0, 0, 0, 0)),
         *(dgates.stride() if dgates is not None else (0, 0, 0, 0)), *(fixed + [0.0] * (3 - nb)),

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
 
+from ..host import cdiv
 from ...templates.nsa_decode import (nsa_decode_attend_kernel, nsa_decode_cmp_kernel,
                                      nsa_decode_combine_kernel, nsa_decode_select_kernel)
 from .inverted import sms
@@ -49,8 +49,8 @@ def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[st
 def compressed_split(Tc: int, programs: int, device: torch.device) -> int:
     """Compressed keys per split: a multiple of BLOCK_N giving `programs` (B·H·Tq) times the
     splits at least PROGRAMS_PER_SM programs per SM where Tc allows."""
-    splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms(device), max(programs, 1)))
-    return triton.cdiv(max(triton.cdiv(Tc, splits), 1), BLOCK_N) * BLOCK_N
+    splits = max(1, cdiv(PROGRAMS_PER_SM * sms(device), max(programs, 1)))
+    return cdiv(max(cdiv(Tc, splits), 1), BLOCK_N) * BLOCK_N
 
 
 def nsa_decode_cuda(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
@@ -76,12 +76,12 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     G_PAD, DV_PAD = _pow2(G, 16), common["DV_PAD"]
     Tc = k_cmp.shape[2] if params.needs_cmp else 0
     split = split or compressed_split(Tc, B * H * Tq, dev)
-    n_splits = triton.cdiv(Tc, split) if params.needs_cmp else 0
+    n_splits = cdiv(Tc, split) if params.needs_cmp else 0
     lp, n_sel = params.select_block, params.select_count
     n_slc = n_sel if params.has_slc else 0
     seg = lp if params.has_slc else BLOCK_N
     span = min(params.window or T, T)
-    n_win = triton.cdiv(span, seg) if params.has_win else 0
+    n_win = cdiv(span, seg) if params.has_win else 0
     n_parts = n_splits + n_slc + n_win
     pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
@@ -89,7 +89,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
                        dtype=q.dtype if PARTS_IN_INPUT_DTYPE else torch.float32)
     n_pad = _pow2(n_sel)
     select_tile = max(SELECT_TILE, n_pad)
-    n_jtiles = triton.cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
+    n_jtiles = cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
     idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
@@ -118,7 +118,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
             q, k, v, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, n_cand, *q.stride(),
             *k.stride(), *v.stride(), params.scale, SEG=seg, BLOCK_N=block_n,
-            N_TILES=triton.cdiv(seg, block_n), N_SLC=n_slc, C_PAD=_pow2(n_cand),
+            N_TILES=cdiv(seg, block_n), N_SLC=n_slc, C_PAD=_pow2(n_cand),
             WINDOW=params.window if params.has_win else 0, num_warps=WARPS, **geometry)
     present = [b for b, on in zip(("compressed", "selected", "window"),
                                   (params.has_cmp, params.has_slc, params.has_win)) if on]

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..host import cdiv, next_pow2
 from ... import autotune
 from ...templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 from ...templates.nsa_fwd import (nsa_cmp_fwd_kernel, nsa_select_kernel,
@@ -44,7 +44,7 @@ class ForwardResult(NamedTuple):
 
 
 def _pow2(x: int, at_least: int = 1) -> int:
-    return max(at_least, triton.next_power_of_2(x))
+    return max(at_least, next_pow2(x))
 
 
 def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
@@ -54,7 +54,7 @@ def tiles(x: Tensor, rows: int, heads: int = 1) -> Tuple[object, bool]:
     loads). NSA_COMPILE_TMA=0 turns descriptors off."""
     elem = x.element_size()
     ok = (os.environ.get("NSA_COMPILE_TMA", "1") != "0" and x.dim() == 4 and x.numel() > 0
-          and triton.next_power_of_2(x.shape[-1]) == x.shape[-1] and x.stride(-1) == 1
+          and next_pow2(x.shape[-1]) == x.shape[-1] and x.stride(-1) == 1
           and x.data_ptr() % 16 == 0 and rows <= 256 and heads <= 256 and x.shape[-1] <= 256
           and all(st > 0 and st * elem % 16 == 0 for st in x.stride()[:-1]))
     if x.is_cuda:
@@ -150,7 +150,7 @@ def run_cmp(a: _Launch, cfg: KernelConfig) -> Tensor:
     vc = a.v_cmp if a.v_cmp is not None else a.k_cmp
     ob, save = a.saved("compressed")
     kc_tiles, vc_tiles, tma = tile_pair(a.k_cmp, vc, cfg.block_n)
-    nsa_cmp_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+    nsa_cmp_fwd_kernel[(cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k_cmp, vc, kc_tiles, vc_tiles, a.gates, a.o, ob, lse,
         *a.q.stride(), *a.k_cmp.stride(), *vc.stride(), *a.gate_strides, *a.o.stride(),
         a.T, a.k_cmp.shape[2], p.scale, a.fixed[0], G_PAD=g_pad, BLOCK_T=block_t,
@@ -166,7 +166,7 @@ def run_sel(a: _Launch, cfg: KernelConfig, lse: Tensor) -> Tensor:
     idx = torch.empty(a.B, a.H, a.T, a.n_pad, device=a.q.device, dtype=torch.int32)
     nj = max(a.n_pad, cfg.block_n)
     kc_tiles, tma = tiles(a.k_cmp, nj * (p.select_block // p.compress_stride))
-    nsa_select_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+    nsa_select_kernel[(cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k_cmp, kc_tiles, lse, idx, *a.q.stride(), *a.k_cmp.stride(), a.T, a.k_cmp.shape[2],
         p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t, DK=a.common["DK"],
         DK_PAD=a.common["DK_PAD"], L=p.compress_block, STRIDE=p.compress_stride,
@@ -234,12 +234,12 @@ def _run_slc_blocks(a: _Launch, cfg: KernelConfig, idx: Tensor) -> Tensor:
         inv = invert_selection(idx[:, :, t_lo:t_lo + n_pos], n_blocks, t_lo, skip)
         entries = a.B * a.H * n_pos * min(p.select_count, n_blocks)
         per_program = list_chunk(entries, block_t, a.q.device)
-        nsa_slc_fwd_blocks_kernel[(triton.cdiv(n_pos, per_program), a.B * a.H, n_blocks)](
+        nsa_slc_fwd_blocks_kernel[(cdiv(n_pos, per_program), a.B * a.H, n_blocks)](
             a.q, a.k, a.v, *inv, part_o, part_lse, *a.q.stride(), *a.k.stride(), *a.v.stride(),
             a.T, n_blocks, per_program, p.scale, H=a.H, G=a.G, G_PAD=g_pad, BLOCK_T=block_t,
             LP=p.select_block, DK=a.common["DK"], DK_PAD=a.common["DK_PAD"], DV=DV,
             DV_PAD=a.common["DV_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        nsa_slc_fwd_combine_kernel[(triton.cdiv(n_pos, merge_t), a.B * a.H)](
+        nsa_slc_fwd_combine_kernel[(cdiv(n_pos, merge_t), a.B * a.H)](
             idx, part_o, part_lse, a.gates, a.o, ob, lse, *a.gate_strides, *a.o.stride(), a.T,
             t_lo, n_pos, a.fixed[slot], G_PAD=g_pad, BLOCK_T=merge_t, N=p.select_count,
             N_PAD=a.n_pad, SLOT=slot, ACCUMULATE=p.has_cmp, SAVE=save, FOLD=a.fold,
@@ -259,7 +259,7 @@ def run_win(a: _Launch, cfg: KernelConfig, lse_slc: Optional[Tensor] = None) -> 
     slc_ob, slc_lse = (a.slc_partial(), lse_slc) if a.fold else (ob, lse)
     slc_slot = p.gate_slot("selected") if a.fold else 0
     k_tiles, v_tiles, tma = tile_pair(a.k, a.v, cfg.block_n)
-    nsa_win_fwd_kernel[(triton.cdiv(a.T, block_t), a.B * a.H)](
+    nsa_win_fwd_kernel[(cdiv(a.T, block_t), a.B * a.H)](
         a.q, a.k, a.v, k_tiles, v_tiles, a.gates, a.o, ob, lse, slc_ob, slc_lse, *a.strides,
         a.T, p.scale, a.fixed[slot], a.fixed[slc_slot], G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_K=cfg.block_n, WINDOW=p.window, SLOT=slot,
