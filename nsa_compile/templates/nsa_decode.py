@@ -167,7 +167,7 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
                              L: tl.constexpr, D_STRIDE: tl.constexpr, L_SEL: tl.constexpr,
                              N_SEL: tl.constexpr, N_PAD: tl.constexpr, INITIAL: tl.constexpr,
                              LOCAL: tl.constexpr, BLOCK_J: tl.constexpr, U_PAD: tl.constexpr,
-                             P_CHUNK: tl.constexpr):
+                             P_CHUNK: tl.constexpr, TOPK: tl.constexpr):
     """Grid (B·H, Tq, selection-block tiles): the N_SEL best blocks of tile jt (BLOCK_J >=
     N_PAD blocks) as packed (score, index) keys, best first, into CAND[bh, r, jt, :] (-1:
     none); the attend kernel ranks all tiles' candidates. Score as `naive.select_blocks`: +inf
@@ -206,10 +206,15 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     started = j <= own
     forced = started & ((j < INITIAL) | (j > own - LOCAL))
     key = tl.where(started, pack_key(tl.where(forced, float("inf"), imp), j), -1)
-    best = tl.topk(key, N_PAD)
-    n = tl.arange(0, N_PAD)
     base = ((bh.to(tl.int64) * Tq + r) * tl.num_programs(2) + jt) * N_SEL
-    tl.store(CAND + base + n, best, mask=n < N_SEL)
+    if TOPK:
+        n = tl.arange(0, N_PAD)
+        tl.store(CAND + base + n, tl.topk(key, N_PAD), mask=n < N_SEL)
+    else:
+        for n in tl.static_range(N_SEL):
+            best = tl.max(key, 0)
+            tl.store(CAND + base + n, best)
+            key = tl.where(key == best, -1, key)
 
 
 @triton.jit

@@ -34,6 +34,8 @@ PROGRAMS_PER_SM = 4
 PART_CHUNK, HEAD_CHUNK, COMBINE_COLUMNS = 8, 4, 32
 # The parts' normalised outputs in q's dtype (else fp32).
 PARTS_IN_INPUT_DTYPE = True
+# Each selection tile's top-n by one tl.topk (else n max-reductions).
+SELECT_BY_TOPK = True
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -112,7 +114,8 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
             G_CHUNK=min(HEAD_CHUNK, _pow2(G)), L=params.compress_block,
             D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel, N_PAD=n_pad,
             INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=select_tile,
-            U_PAD=_pow2(qc + r - 1), P_CHUNK=PART_CHUNK, num_warps=WARPS)
+            U_PAD=_pow2(qc + r - 1), P_CHUNK=PART_CHUNK, TOPK=SELECT_BY_TOPK,
+            num_warps=WARPS)
     if n_slc + n_win:
         block_n = min(BLOCK_N, _pow2(seg, 16))
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
