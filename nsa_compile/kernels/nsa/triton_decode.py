@@ -29,13 +29,11 @@ SELECT_TILE = 128
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
-# Parts merged per load (selection, combine), query heads per load of the selection's scores,
-# and output columns per combine program: each load a few thousand elements.
-PART_CHUNK, HEAD_CHUNK, COMBINE_COLUMNS = 8, 4, 32
+# Parts merged per load (selection, combine) and output columns per combine program (H200,
+# 64k: 8 and 32 beat 4 and 64).
+PART_CHUNK, COMBINE_COLUMNS = 8, 32
 # The parts' normalised outputs in q's dtype (else fp32).
 PARTS_IN_INPUT_DTYPE = True
-# Each selection tile's top-n by one tl.topk (else n max-reductions).
-SELECT_BY_TOPK = True
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -89,9 +87,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev,
                        dtype=q.dtype if PARTS_IN_INPUT_DTYPE else torch.float32)
-    n_pad = _pow2(n_sel)
-    select_tile = max(SELECT_TILE, n_pad)
-    n_jtiles = cdiv(num_selection_blocks(T, lp), select_tile) if params.has_slc else 0
+    n_jtiles = cdiv(num_selection_blocks(T, lp), SELECT_TILE) if params.has_slc else 0
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
     idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
@@ -111,11 +107,9 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         r, qc = params.compress_block // params.compress_stride, lp // params.compress_stride
         nsa_decode_select_kernel[(B * H, Tq, n_jtiles)](
             scores, pm, pl, cand, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
-            G_CHUNK=min(HEAD_CHUNK, _pow2(G)), L=params.compress_block,
-            D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel, N_PAD=n_pad,
-            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=select_tile,
-            U_PAD=_pow2(qc + r - 1), P_CHUNK=PART_CHUNK, TOPK=SELECT_BY_TOPK,
-            num_warps=WARPS)
+            L=params.compress_block, D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel,
+            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=SELECT_TILE,
+            U_PAD=_pow2(qc + r - 1), P_CHUNK=PART_CHUNK, num_warps=WARPS)
     if n_slc + n_win:
         block_n = min(BLOCK_N, _pow2(seg, 16))
         nsa_decode_attend_kernel[(B * H, Tq, n_slc + n_win)](
