@@ -15,8 +15,8 @@ query heads, so each key is read once for the whole group. The work of one posit
      SEG keys;
   4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
 Parts live in scratch (B·H, Tq, n_parts, G[, Dv_PAD]): m and l in fp32, the normalised
-output in the input's dtype (the launcher's PARTS_IN_INPUT_DTYPE; else fp32); scores in log2 units (times
-scale·log2(e)), as in `nsa_fwd`. Reference: `naive.nsa_attention_ref` with Tq < T.
+output in the input's dtype; scores in log2 units (times scale·log2(e)), as in `nsa_fwd`.
+Reference: `naive.nsa_attention_ref` with Tq < T.
 """
 import triton
 import triton.language as tl

@@ -4,8 +4,8 @@ of a sequence against its KV cache, the CUDA path of `ops.nsa_attention_decode`.
 Decoding is memory-bound (a handful of queries per KV head), so the block sizes are fixed, not
 tuned: 64 keys per tile, and as many compressed-key splits as it takes to give every SM a few
 programs (flash-decoding). The partial softmaxes' statistics are fp32, their normalised outputs
-in the input's dtype (half the scratch traffic in bf16; the forward's block-by-block partials
-do the same).
+in the input's dtype (half the scratch traffic in bf16, H200 64k: 68.7 vs 75.4 µs a step in
+fp32; the forward's block-by-block partials do the same).
 """
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ PROGRAMS_PER_SM = 4
 # Parts merged per load (selection, combine) and output columns per combine program (H200,
 # 64k: 8 and 32 beat 4 and 64).
 PART_CHUNK, COMBINE_COLUMNS = 8, 32
-# The parts' normalised outputs in q's dtype (else fp32).
-PARTS_IN_INPUT_DTYPE = True
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -85,8 +83,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     n_parts = n_splits + n_slc + n_win
     pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev,
-                       dtype=q.dtype if PARTS_IN_INPUT_DTYPE else torch.float32)
+    pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev, dtype=q.dtype)
     n_jtiles = cdiv(num_selection_blocks(T, lp), SELECT_TILE) if params.has_slc else 0
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
