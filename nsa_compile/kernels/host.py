@@ -1,8 +1,8 @@
 """Integer arithmetic of the kernel launchers, in plain Python.
 
 `triton.cdiv` and `triton.next_power_of_2` are constexpr functions: called from host code each
-call goes through Triton's constexpr unwrapping, about 3 µs on the CPU. A decoding step's
-launcher did 15 of them per call, a tenth of its host time; these are the same integers.
+call goes through Triton's constexpr unwrapping. The decoding launcher did 15 of them per
+call; with these its own Python went from 63 to 26 µs a call (CPU, kernels stubbed out).
 """
 
 
