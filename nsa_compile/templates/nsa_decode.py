@@ -4,18 +4,21 @@ Flash-decoding in four launches. A program owns one KV head and one query positi
 `row` r of the Tq new queries, at position t = T - Tq + r); its G_PAD rows are the GQA group's
 query heads, so each key is read once for the whole group. The work of one position is cut into
 *parts*, each a partial softmax (max m, sum l, unnormalised output acc) over a slice of keys:
-  1. `nsa_decode_cmp_kernel`: the compressed keys in splits (parts 0 … S-1), and the raw
-     compressed scores the selection needs;
+  1. `nsa_decode_cmp_kernel`: the compressed keys in splits (parts 0 … S-1) with the raw
+     compressed scores the selection needs, and the window's segments (the last parts), which
+     need no selection and so overlap the splits instead of following the selection;
   2. `nsa_decode_select_kernel`, per tile of selection blocks: the compressed lse from the
      splits' (m, l), each block's importance (overlap weights, summed over the group), the
      forced blocks, and the tile's top-n as packed (score, index) keys — ties go to the lower
      index;
   3. `nsa_decode_attend_kernel`: one part per chosen block (parts S … S+n-1: program u ranks
-     all tiles' candidates and takes the u-th) and per window segment (the rest), each at most
-     SEG keys;
+     all tiles' candidates and takes the u-th);
   4. `nsa_decode_combine_kernel`: each branch's parts merged, gated, summed into o.
 Parts live in scratch (B·H, Tq, n_parts, G[, Dv_PAD]): m and l in fp32, the normalised
 output in the input's dtype; scores in log2 units (times scale·log2(e)), as in `nsa_fwd`.
+Selected blocks and window segments are SEG keys long. Loops of a few independent loads are
+unrolled (`tl.static_range`) so the loads are in flight together: these kernels wait on
+memory latency more than on bandwidth.
 Reference: `naive.nsa_attention_ref` with Tq < T.
 """
 import triton
@@ -91,73 +94,120 @@ def _attend_keys(q, qk_scale, K, V, SCORES, score_row, score_ok, n_cols, b, h, l
     return m_i, l_i, acc
 
 
+@triton.jit
+def _window_part(Q, K, V, PM, PL, PACC, b, h, bh, r, t, u, Tq, n_parts, part, sq_b, sq_h,
+                 sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, scale,
+                 G: tl.constexpr, G_PAD: tl.constexpr, SEG: tl.constexpr,
+                 BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
+                 DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """Window segment u of row r (keys lo + u·SEG … up to t, lo = max(0, t - WINDOW + 1), or 0
+    when WINDOW is 0: unbounded) as part `part`."""
+    start = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0)
+    lo = start + u * SEG
+    hi = tl.minimum(lo + SEG, t + 1)
+    q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+    # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
+    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b,
+                                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N,
+                                 N_TILES, DK, DK_PAD, DV, DV_PAD, True, False)
+    _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD, True)
+
+
 @jit_kernel
-def nsa_decode_cmp_kernel(Q, KC, VC, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, split,
-                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                          scale, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                          L: tl.constexpr, D_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
-                          DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_CMP: tl.constexpr,
-                          HAS_SLC: tl.constexpr):
-    """Grid (B·H, Tq, S): split s covers compressed blocks [s·split, (s+1)·split) of those the
-    query sees (block i ends at key i·d + l - 1 <= t); writes part s and, for the selection,
-    the scores SCORES[bh, r, g, i] (log2 units; blocks the query does not see are not
-    written). split = N_TILES·BLOCK_N."""
+def nsa_decode_cmp_kernel(Q, KC, VC, K, V, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, n_splits,
+                          split, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
+                          sv_b, sv_h, sv_t, sv_d, skw_b, skw_h, skw_t, skw_d,
+                          svw_b, svw_h, svw_t, svw_d, scale, H: tl.constexpr, G: tl.constexpr,
+                          G_PAD: tl.constexpr, L: tl.constexpr, D_STRIDE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
+                          DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                          HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, N_SLC: tl.constexpr,
+                          SEG: tl.constexpr, SEG_BLOCK_N: tl.constexpr,
+                          SEG_TILES: tl.constexpr, WINDOW: tl.constexpr):
+    """Grid (B·H, Tq, S + window segments). Program s < S: split s covers compressed blocks
+    [s·split, (s+1)·split) of those the query sees (block i ends at key i·d + l - 1 <= t);
+    writes part s and, for the selection, the scores SCORES[bh, r, g, i] (log2 units; blocks
+    the query does not see are not written). split = N_TILES·BLOCK_N. The programs after them
+    attend to the window's segments (parts S + N_SLC + …), which need no selection."""
     bh, r, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t = T - Tq + r
-    n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
-    lo = sp * split
-    hi = tl.minimum(lo + split, n_vis)
-    q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+    if sp < n_splits:
+        n_vis = _visible_compressed(t, Tc, L, D_STRIDE)
+        lo = sp * split
+        hi = tl.minimum(lo + split, n_vis)
+        q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
+        g, g_ok = _group_rows(G, G_PAD)
+        score_row = (bh.to(tl.int64) * Tq + r) * G + g
+        m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, SCORES, score_row, g_ok, Tc, b,
+                                     h, lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                                     G_PAD, BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, HAS_CMP,
+                                     HAS_SLC)
+        _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
+                    HAS_CMP)
+    else:
+        u = sp - n_splits
+        _window_part(Q, K, V, PM, PL, PACC, b, h, bh, r, t, u, Tq, n_parts,
+                     n_splits + N_SLC + u, sq_b, sq_h, sq_t, sq_d, skw_b, skw_h, skw_t, skw_d,
+                     svw_b, svw_h, svw_t, svw_d, scale, G, G_PAD, SEG, SEG_BLOCK_N, SEG_TILES,
+                     DK, DK_PAD, DV, DV_PAD, WINDOW)
+
+
+@triton.jit
+def _merge_chunk(PM, PL, PACC, base, c0, p1, d, m_all, l_all, acc, G: tl.constexpr,
+                 G_PAD: tl.constexpr, DV_PAD: tl.constexpr, HAS_ACC: tl.constexpr,
+                 P_CHUNK: tl.constexpr):
+    """(m, l, acc) merged with parts c0 … min(c0 + P_CHUNK, p1) - 1, loaded together."""
+    chunk = tl.arange(0, P_CHUNK)
     g, g_ok = _group_rows(G, G_PAD)
-    score_row = (bh.to(tl.int64) * Tq + r) * G + g
-    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, SCORES, score_row, g_ok, Tc, b, h,
-                                 lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD,
-                                 BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, HAS_CMP, HAS_SLC)
-    _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
-                HAS_CMP)
+    p_ok = (c0 + chunk < p1)[:, None] & g_ok[None, :]
+    off = (base + c0 + chunk)[:, None] * G + g[None, :]  # (P_CHUNK, G_PAD)
+    m_p = tl.load(PM + off, mask=p_ok, other=float("-inf"))
+    l_p = tl.load(PL + off, mask=p_ok, other=0.0)
+    m_new = tl.maximum(m_all, tl.max(m_p, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe[None, :])
+    l_all = l_all * alpha + tl.sum(l_p * beta, 0)
+    if HAS_ACC:
+        o_p = tl.load(PACC + off[:, :, None] * DV_PAD + d[None, None, :],
+                      mask=p_ok[:, :, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(o_p * (l_p * beta)[:, :, None], 0)
+    return m_new, l_all, acc
 
 
 @triton.jit
 def _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
                  G_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr,
-                 HAS_ACC: tl.constexpr, P_CHUNK: tl.constexpr):
+                 HAS_ACC: tl.constexpr, P_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
     """Parts p0 … p1-1 merged -> (m, l, acc), acc (G_PAD, BLOCK_DV) the unnormalised output's
     columns d0 … d0+BLOCK_DV-1 (zeros without HAS_ACC: the lse alone). P_CHUNK parts per load,
-    so the loads of a chunk are in flight together instead of one part's after another's."""
+    so the loads of a chunk are in flight together instead of one part's after another's.
+    N_CHUNKS > 0: the chunks unrolled (p1 - p0 <= N_CHUNKS·P_CHUNK), else a loop."""
     m_all = tl.full([G_PAD], float("-inf"), tl.float32)
     l_all = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-    chunk = tl.arange(0, P_CHUNK)
-    g, g_ok = _group_rows(G, G_PAD)
     d = d0 + tl.arange(0, BLOCK_DV)
     base = (bh.to(tl.int64) * Tq + r) * n_parts
-    for c0 in range(p0, p1, P_CHUNK):
-        p_ok = (c0 + chunk < p1)[:, None] & g_ok[None, :]
-        off = (base + c0 + chunk)[:, None] * G + g[None, :]  # (P_CHUNK, G_PAD)
-        m_p = tl.load(PM + off, mask=p_ok, other=float("-inf"))
-        l_p = tl.load(PL + off, mask=p_ok, other=0.0)
-        m_new = tl.maximum(m_all, tl.max(m_p, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp2(m_all - m_safe), tl.exp2(m_p - m_safe[None, :])
-        l_all = l_all * alpha + tl.sum(l_p * beta, 0)
-        if HAS_ACC:
-            o_p = tl.load(PACC + off[:, :, None] * DV_PAD + d[None, None, :],
-                          mask=p_ok[:, :, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(o_p * (l_p * beta)[:, :, None], 0)
-        m_all = m_new
+    if N_CHUNKS > 0:
+        for c in tl.static_range(N_CHUNKS):
+            m_all, l_all, acc = _merge_chunk(PM, PL, PACC, base, p0 + c * P_CHUNK, p1, d, m_all,
+                                             l_all, acc, G, G_PAD, DV_PAD, HAS_ACC, P_CHUNK)
+    else:
+        for c0 in range(p0, p1, P_CHUNK):
+            m_all, l_all, acc = _merge_chunk(PM, PL, PACC, base, c0, p1, d, m_all, l_all, acc,
+                                             G, G_PAD, DV_PAD, HAS_ACC, P_CHUNK)
     return m_all, l_all, acc
 
 
 @triton.jit
 def _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G: tl.constexpr,
                    G_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, DV_PAD: tl.constexpr,
-                   P_CHUNK: tl.constexpr):
+                   P_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
     """Columns d0 … d0+BLOCK_DV-1 of the normalised output (G_PAD, BLOCK_DV) of parts p0 …
     p1-1; rows that saw nothing give 0."""
     _, l_all, acc = _merge_parts(PM, PL, PACC, bh, r, Tq, n_parts, p0, p1, d0, G, G_PAD,
-                                 BLOCK_DV, DV_PAD, True, P_CHUNK)
+                                 BLOCK_DV, DV_PAD, True, P_CHUNK, N_CHUNKS)
     return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
 
 
@@ -166,7 +216,8 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
                              G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr,
                              D_STRIDE: tl.constexpr, L_SEL: tl.constexpr, N_SEL: tl.constexpr,
                              INITIAL: tl.constexpr, LOCAL: tl.constexpr, BLOCK_J: tl.constexpr,
-                             U_PAD: tl.constexpr, P_CHUNK: tl.constexpr):
+                             U_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
+                             S_CHUNKS: tl.constexpr):
     """Grid (B·H, Tq, selection-block tiles): the N_SEL best blocks of tile jt (BLOCK_J blocks)
     as packed (score, index) keys, best first, into CAND[bh, r, jt, :] (-1: none); the
     attend kernel ranks all tiles' candidates. Score as `naive.select_blocks`: +inf for the
@@ -180,7 +231,7 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     g, g_ok = _group_rows(G, G_PAD)
     # the compressed splits' (m, l) alone (no acc: PACC and the column sizes are placeholders)
     m_all, l_all, _ = _merge_parts(PM, PL, PM, bh, r, Tq, n_parts, 0, n_splits, 0, G, G_PAD,
-                                   16, 16, False, P_CHUNK)
+                                   16, 16, False, S_CHUNK, S_CHUNKS)
     seen = l_all > 0
     lse = tl.where(seen, tl.where(seen, m_all, 0.0) + tl.log2(tl.where(seen, l_all, 1.0)),
                    float("inf"))
@@ -196,7 +247,7 @@ def nsa_decode_select_kernel(SCORES, PM, PL, CAND, T, Tq, Tc, n_parts, n_splits,
     w = tl.where(i_ok, w, 0).to(tl.float32)
     imp = tl.zeros([BLOCK_J], tl.float32)
     row0 = (bh.to(tl.int64) * Tq + r) * G
-    for gg in range(0, G):
+    for gg in tl.static_range(G):  # unrolled: the G loads in flight together
         lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
         s = tl.load(SCORES + (row0 + gg) * Tc + i, mask=i_ok, other=float("-inf"))
         imp += tl.sum(w * tl.exp2(s - lse_g), 1)
@@ -219,7 +270,7 @@ def _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD: tl.constexpr, CHUNK: tl.con
     c = tl.arange(0, C_PAD)
     key = tl.load(CAND + base + c, mask=c < n_cand, other=-1)
     rank = tl.zeros([C_PAD], tl.int32)
-    for c0 in range(0, n_cand, CHUNK):
+    for c0 in tl.static_range(0, C_PAD, CHUNK):  # unrolled: the loads in flight together
         cc = c0 + tl.arange(0, CHUNK)
         other = tl.load(CAND + base + cc, mask=cc < n_cand, other=-1)
         rank += tl.sum((other[None, :] > key[:, None]).to(tl.int32), 1)
@@ -231,31 +282,25 @@ def _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD: tl.constexpr, CHUNK: tl.con
 def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, part0, n_cand,
                              sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                              sv_b, sv_h, sv_t, sv_d, scale, H: tl.constexpr, G: tl.constexpr,
-                             G_PAD: tl.constexpr, SEG: tl.constexpr, BLOCK_N: tl.constexpr,
-                             N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                             G_PAD: tl.constexpr, SEG: tl.constexpr, SEG_BLOCK_N: tl.constexpr,
+                             SEG_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
                              DV: tl.constexpr, DV_PAD: tl.constexpr, N_SLC: tl.constexpr,
-                             C_PAD: tl.constexpr, WINDOW: tl.constexpr):
-    """Grid (B·H, Tq, N_SLC + window segments): program u < N_SLC attends to the u-th best
-    selection block j of the candidates (keys [j·SEG, j·SEG + SEG) up to t; IDX[bh, r, u] = j,
-    -1 if fewer blocks exist), the others to window segment u - N_SLC (keys
-    lo + (u - N_SLC)·SEG …, lo = max(0, t - WINDOW + 1), or 0 when WINDOW is 0: unbounded).
-    Writes part part0 + u."""
+                             C_PAD: tl.constexpr):
+    """Grid (B·H, Tq, N_SLC): program u attends to the u-th best selection block j of the
+    candidates (keys [j·SEG, j·SEG + SEG) up to t; IDX[bh, r, u] = j, -1 if fewer blocks
+    exist) and writes part part0 + u."""
     bh, r, u = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t = T - Tq + r
-    if u < N_SLC:
-        blk = _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD, 32)
-        tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SLC + u, blk)
-        lo = tl.where(blk >= 0, blk * SEG, T)
-    else:
-        start = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0)
-        lo = start + (u - N_SLC) * SEG
+    blk = _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD, 32)
+    tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SLC + u, blk)
+    lo = tl.where(blk >= 0, blk * SEG, T)
     hi = tl.minimum(lo + SEG, t + 1)
     q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
     # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
     m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
-                                 sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N, N_TILES, DK,
-                                 DK_PAD, DV, DV_PAD, True, False)
+                                 sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, SEG_BLOCK_N, SEG_TILES,
+                                 DK, DK_PAD, DV, DV_PAD, True, False)
     _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
                 True)
 
@@ -268,7 +313,9 @@ def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_w
                               BLOCK_DV: tl.constexpr, N_SLC: tl.constexpr,
                               HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr,
                               HAS_GATES: tl.constexpr, SLOT_SLC: tl.constexpr,
-                              SLOT_WIN: tl.constexpr, P_CHUNK: tl.constexpr):
+                              SLOT_WIN: tl.constexpr, P_CHUNK: tl.constexpr,
+                              CMP_CHUNKS: tl.constexpr, SLC_CHUNKS: tl.constexpr,
+                              WIN_CHUNKS: tl.constexpr):
     """Grid (B·H, Tq, DV_PAD / BLOCK_DV): columns dt·BLOCK_DV … of o[b, hq, r] = Σ_branch
     gate · (that branch's parts merged); parts are [0, n_splits) compressed, then N_SLC
     selected, then n_win window; gate slots 0 (compressed), SLOT_SLC, SLOT_WIN."""
@@ -281,19 +328,19 @@ def nsa_decode_combine_kernel(PM, PL, PACC, GATES, O, Tq, n_parts, n_splits, n_w
     if HAS_CMP:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_cmp, HAS_GATES, 0)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, 0, n_splits, d0,
-                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
+                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK, CMP_CHUNKS)
     if N_SLC > 0:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_slc, HAS_GATES,
                          SLOT_SLC)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts, n_splits,
                                             n_splits + N_SLC, d0, G, G_PAD, BLOCK_DV,
-                                            DV_PAD, P_CHUNK)
+                                            DV_PAD, P_CHUNK, SLC_CHUNKS)
     if HAS_WIN:
         gate = load_gate(GATES, b, hq, tok, ok, sg_b, sg_h, sg_t, sg_c, gate_win, HAS_GATES,
                          SLOT_WIN)
         o += gate[:, None] * _branch_output(PM, PL, PACC, bh, r, Tq, n_parts,
                                             n_splits + N_SLC, n_splits + N_SLC + n_win, d0,
-                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK)
+                                            G, G_PAD, BLOCK_DV, DV_PAD, P_CHUNK, WIN_CHUNKS)
     d = d0 + tl.arange(0, BLOCK_DV)
     off = b.to(tl.int64) * so_b + hq.to(tl.int64)[:, None] * so_h + r.to(tl.int64) * so_t
     tl.store(O + off + d[None, :] * so_d, o.to(O.dtype.element_ty),

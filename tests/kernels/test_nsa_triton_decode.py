@@ -69,15 +69,17 @@ def test_triton_decode_ranks_candidates_of_several_tiles(name, monkeypatch):
     _check_case(name)
 
 
+@pytest.mark.parametrize("unrolled", [4, 0], ids=["unrolled", "looped"])
 @pytest.mark.parametrize("name", ["all-T700-G3-splits-Tq3", "all-T300-n6-B2-dk-ne-dv",
                                   "all-T129-fp16-G8"])
-def test_triton_decode_merges_in_chunks(name, monkeypatch):
-    """Parts merged 2 per load (several chunks per branch, partial for odd counts) and the
-    combine in tiles of 16 columns (Dv = 32: two), as the shipped 8 / 32 do on long caches and
-    wide heads."""
+def test_triton_decode_merges_in_chunks(name, unrolled, monkeypatch):
+    """Parts merged 2 per load (several chunks per branch, partial for odd counts; unrolled, or
+    looped as merges too long to unroll are) and the combine in tiles of 16 columns (Dv = 32:
+    two), as the shipped 8 / 16 do on long caches and wide heads."""
     from nsa_compile.kernels.nsa import triton_decode
     monkeypatch.setattr(triton_decode, "PART_CHUNK", 2)
     monkeypatch.setattr(triton_decode, "COMBINE_COLUMNS", 16)
+    monkeypatch.setattr(triton_decode, "MAX_UNROLLED_CHUNKS", unrolled)
     _check_case(name)
 
 
