@@ -24,7 +24,7 @@ Reference: `naive.nsa_attention_ref` with Tq < T.
 import triton
 import triton.language as tl
 
-from .nsa_common import (LOG2E, jit_kernel, load_gate, load_keys, load_rows,
+from .nsa_common import (LOG2E, jit_kernel, key_value_tiles, load_gate, load_rows,
                          online_softmax_step, pack_key, unpack_index)
 
 
@@ -64,27 +64,30 @@ def _visible_compressed(t, Tc, L: tl.constexpr, D_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _attend_keys(q, qk_scale, K, V, SCORES, score_row, score_ok, n_cols, b, h, lo, hi,
-                 sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
-                 DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                 HAS_V: tl.constexpr, STORE_SCORES: tl.constexpr):
+def _attend_keys(q, qk_scale, K, V, K_TILES, V_TILES, SCORES, score_row, score_ok, n_cols, b,
+                 h, lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                 G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
+                 DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                 HAS_V: tl.constexpr, STORE_SCORES: tl.constexpr, TMA: tl.constexpr):
     """Online softmax of the query rows over keys [lo, hi) (at most N_TILES·BLOCK_N of them):
     (m, l, acc) in log2 units; without HAS_V only (m, l). STORE_SCORES: also
-    SCORES[score_row, key] = score for the rows in score_ok (n_cols per row)."""
+    SCORES[score_row, key] = score for the rows in score_ok (n_cols per row). Tiles come
+    through `key_value_tiles` (TMA: K_TILES/V_TILES are descriptors; the keys past hi they
+    load are masked out of the scores)."""
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     for i in range(0, N_TILES):
         pos = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        k = load_keys(K, b, h, pos, ok, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, lo + i * BLOCK_N, hi, sk_b, sk_h,
+                               sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, BLOCK_N, DK, DK_PAD, DV,
+                               DV_PAD, HAS_V, TMA)
         s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         if STORE_SCORES:
             tl.store(SCORES + score_row[:, None] * n_cols + pos[None, :], s,
                      mask=score_ok[:, None] & ok[None, :])
         if HAS_V:
-            v = load_keys(V, b, h, pos, ok, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
             m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)
         else:  # the softmax's (m, l) alone: online_softmax_step without its values
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -95,41 +98,40 @@ def _attend_keys(q, qk_scale, K, V, SCORES, score_row, score_ok, n_cols, b, h, l
 
 
 @triton.jit
-def _window_part(Q, K, V, PM, PL, PACC, b, h, bh, r, t, u, Tq, n_parts, part, sq_b, sq_h,
-                 sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, scale,
-                 G: tl.constexpr, G_PAD: tl.constexpr, SEG: tl.constexpr,
-                 BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
-                 DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                 WINDOW: tl.constexpr):
-    """Window segment u of row r (keys lo + u·SEG … up to t, lo = max(0, t - WINDOW + 1), or 0
-    when WINDOW is 0: unbounded) as part `part`."""
-    start = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0)
-    lo = start + u * SEG
-    hi = tl.minimum(lo + SEG, t + 1)
+def _segment_part(Q, K, V, K_TILES, V_TILES, PM, PL, PACC, b, h, bh, r, lo, hi, Tq, n_parts,
+                  part, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                  scale, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                  DV: tl.constexpr, DV_PAD: tl.constexpr, TMA: tl.constexpr):
+    """Row r's group over keys [lo, hi) of the cache (a chosen block or a window segment) as
+    part `part`."""
     q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
     # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
-    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b,
-                                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, BLOCK_N,
-                                 N_TILES, DK, DK_PAD, DV, DV_PAD, True, False)
+    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K_TILES, V_TILES, K, r, r > 0, 0, b, h,
+                                 lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD,
+                                 BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, True, False, TMA)
     _store_part(PM, PL, PACC, bh, r, part, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD, True)
 
 
 @jit_kernel
-def nsa_decode_cmp_kernel(Q, KC, VC, K, V, SCORES, PM, PL, PACC, T, Tq, Tc, n_parts, n_splits,
-                          split, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
-                          sv_b, sv_h, sv_t, sv_d, skw_b, skw_h, skw_t, skw_d,
-                          svw_b, svw_h, svw_t, svw_d, scale, H: tl.constexpr, G: tl.constexpr,
-                          G_PAD: tl.constexpr, L: tl.constexpr, D_STRIDE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, DK: tl.constexpr,
-                          DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                          HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, N_SLC: tl.constexpr,
-                          SEG: tl.constexpr, SEG_BLOCK_N: tl.constexpr,
-                          SEG_TILES: tl.constexpr, WINDOW: tl.constexpr):
+def nsa_decode_cmp_kernel(Q, KC, VC, KC_TILES, VC_TILES, K, V, K_TILES, V_TILES, SCORES, PM, PL,
+                          PACC, T, Tq, Tc, n_parts, n_splits, split, sq_b, sq_h, sq_t, sq_d,
+                          skc_b, skc_h, skc_t, skc_d, svc_b, svc_h, svc_t, svc_d,
+                          sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, scale,
+                          H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                          L: tl.constexpr, D_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          N_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+                          DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_CMP: tl.constexpr,
+                          HAS_SLC: tl.constexpr, N_SLC: tl.constexpr, SEG: tl.constexpr,
+                          SEG_BLOCK_N: tl.constexpr, SEG_TILES: tl.constexpr,
+                          WINDOW: tl.constexpr, TMA_CMP: tl.constexpr, TMA: tl.constexpr):
     """Grid (B·H, Tq, S + window segments). Program s < S: split s covers compressed blocks
     [s·split, (s+1)·split) of those the query sees (block i ends at key i·d + l - 1 <= t);
     writes part s and, for the selection, the scores SCORES[bh, r, g, i] (log2 units; blocks
-    the query does not see are not written). split = N_TILES·BLOCK_N. The programs after them
-    attend to the window's segments (parts S + N_SLC + …), which need no selection."""
+    the query does not see are not written). split = N_TILES·BLOCK_N. Program S + u attends
+    to window segment u (keys lo + u·SEG … up to t, lo = max(0, t - WINDOW + 1), or 0 when
+    WINDOW is 0: unbounded) as part S + N_SLC + u: it needs no selection. TMA_CMP / TMA: the
+    compressed / the cache's tiles come through descriptors."""
     bh, r, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t = T - Tq + r
@@ -140,18 +142,19 @@ def nsa_decode_cmp_kernel(Q, KC, VC, K, V, SCORES, PM, PL, PACC, T, Tq, Tc, n_pa
         q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
         g, g_ok = _group_rows(G, G_PAD)
         score_row = (bh.to(tl.int64) * Tq + r) * G + g
-        m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, SCORES, score_row, g_ok, Tc, b,
-                                     h, lo, hi, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                                     G_PAD, BLOCK_N, N_TILES, DK, DK_PAD, DV, DV_PAD, HAS_CMP,
-                                     HAS_SLC)
+        m_i, l_i, acc = _attend_keys(q, scale * LOG2E, KC, VC, KC_TILES, VC_TILES, SCORES,
+                                     score_row, g_ok, Tc, b, h, lo, hi, skc_b, skc_h, skc_t,
+                                     skc_d, svc_b, svc_h, svc_t, svc_d, G_PAD, BLOCK_N, N_TILES,
+                                     DK, DK_PAD, DV, DV_PAD, HAS_CMP, HAS_SLC, TMA_CMP)
         _store_part(PM, PL, PACC, bh, r, sp, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
                     HAS_CMP)
     else:
         u = sp - n_splits
-        _window_part(Q, K, V, PM, PL, PACC, b, h, bh, r, t, u, Tq, n_parts,
-                     n_splits + N_SLC + u, sq_b, sq_h, sq_t, sq_d, skw_b, skw_h, skw_t, skw_d,
-                     svw_b, svw_h, svw_t, svw_d, scale, G, G_PAD, SEG, SEG_BLOCK_N, SEG_TILES,
-                     DK, DK_PAD, DV, DV_PAD, WINDOW)
+        lo = tl.where(WINDOW > 0, tl.maximum(t - WINDOW + 1, 0), 0) + u * SEG
+        _segment_part(Q, K, V, K_TILES, V_TILES, PM, PL, PACC, b, h, bh, r, lo,
+                      tl.minimum(lo + SEG, t + 1), Tq, n_parts, n_splits + N_SLC + u, sq_b,
+                      sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, scale,
+                      G, G_PAD, SEG_BLOCK_N, SEG_TILES, DK, DK_PAD, DV, DV_PAD, TMA)
 
 
 @triton.jit
@@ -279,13 +282,13 @@ def _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD: tl.constexpr, CHUNK: tl.con
 
 
 @jit_kernel
-def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, part0, n_cand,
-                             sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
+def nsa_decode_attend_kernel(Q, K, V, K_TILES, V_TILES, CAND, IDX, PM, PL, PACC, T, Tq, n_parts,
+                             part0, n_cand, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                              sv_b, sv_h, sv_t, sv_d, scale, H: tl.constexpr, G: tl.constexpr,
                              G_PAD: tl.constexpr, SEG: tl.constexpr, SEG_BLOCK_N: tl.constexpr,
                              SEG_TILES: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
                              DV: tl.constexpr, DV_PAD: tl.constexpr, N_SLC: tl.constexpr,
-                             C_PAD: tl.constexpr):
+                             C_PAD: tl.constexpr, TMA: tl.constexpr):
     """Grid (B·H, Tq, N_SLC): program u attends to the u-th best selection block j of the
     candidates (keys [j·SEG, j·SEG + SEG) up to t; IDX[bh, r, u] = j, -1 if fewer blocks
     exist) and writes part part0 + u."""
@@ -295,14 +298,10 @@ def nsa_decode_attend_kernel(Q, K, V, CAND, IDX, PM, PL, PACC, T, Tq, n_parts, p
     blk = _ranked_block(CAND, bh, r, u, Tq, n_cand, C_PAD, 32)
     tl.store(IDX + (bh.to(tl.int64) * Tq + r) * N_SLC + u, blk)
     lo = tl.where(blk >= 0, blk * SEG, T)
-    hi = tl.minimum(lo + SEG, t + 1)
-    q = _query_rows(Q, b, h, r, sq_b, sq_h, sq_t, sq_d, G, G_PAD, DK, DK_PAD)
-    # (K, r, r > 0, 0): placeholders of the score store, which STORE_SCORES=False leaves out
-    m_i, l_i, acc = _attend_keys(q, scale * LOG2E, K, V, K, r, r > 0, 0, b, h, lo, hi, sk_b, sk_h,
-                                 sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, G_PAD, SEG_BLOCK_N, SEG_TILES,
-                                 DK, DK_PAD, DV, DV_PAD, True, False)
-    _store_part(PM, PL, PACC, bh, r, part0 + u, Tq, n_parts, m_i, l_i, acc, G, G_PAD, DV_PAD,
-                True)
+    _segment_part(Q, K, V, K_TILES, V_TILES, PM, PL, PACC, b, h, bh, r, lo,
+                  tl.minimum(lo + SEG, t + 1), Tq, n_parts, part0 + u, sq_b, sq_h, sq_t, sq_d,
+                  sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, scale, G, G_PAD, SEG_BLOCK_N,
+                  SEG_TILES, DK, DK_PAD, DV, DV_PAD, TMA)
 
 
 @jit_kernel

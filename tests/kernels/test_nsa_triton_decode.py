@@ -83,6 +83,14 @@ def test_triton_decode_merges_in_chunks(name, unrolled, monkeypatch):
     _check_case(name)
 
 
+@pytest.mark.parametrize("name", ["all-T700-G3-splits-Tq3", "window-only-T63"])
+def test_triton_decode_pointer_loads(name, monkeypatch):
+    """The tiles through pointer loads (NSA_COMPILE_TMA=0, or a GPU before Hopper) instead of
+    the tensor descriptors the interpreter takes otherwise."""
+    monkeypatch.setenv("NSA_COMPILE_TMA", "0")
+    _check_case(name)
+
+
 def _check_case(name):
     from nsa_compile.kernels.nsa.triton_decode import decode_with_blocks
     B, HQ, H, T, Tq, DK, DV, cfg, dtype, split = CASES[name]

@@ -19,7 +19,7 @@ from ...templates.nsa_decode import (nsa_decode_attend_kernel, nsa_decode_cmp_ke
                                      nsa_decode_combine_kernel, nsa_decode_select_kernel)
 from .inverted import sms
 from .params import NSAParams, num_selection_blocks, supported
-from .triton_fwd import _pow2, launch_geometry
+from .triton_fwd import _pow2, launch_geometry, tile_pair
 
 BLOCK_N, WARPS = 64, 4
 # Selection blocks per program of the selection kernel; each keeps its n best as candidates,
@@ -35,6 +35,7 @@ PROGRAMS_PER_SM = 4
 # 16; 8 parts per load beat 4 and 16.
 PART_CHUNK, COMBINE_COLUMNS = 8, 16
 MAX_UNROLLED_CHUNKS = 4
+TMA_CMP, TMA_SEG = True, True  # A/B switches (scratch)
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -113,14 +114,16 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     vc = v_cmp if v_cmp is not None else kc
     block_n = min(BLOCK_N, _pow2(seg, 16))
     keys = dict(SEG=seg, SEG_BLOCK_N=block_n, SEG_TILES=cdiv(seg, block_n), N_SLC=n_slc)
+    kc_tiles, vc_tiles, tma_cmp = tile_pair(kc, vc, BLOCK_N) if TMA_CMP else (kc, vc, False)
+    k_tiles, v_tiles, tma = tile_pair(k, v, block_n) if TMA_SEG else (k, v, False)
     if n_splits + n_win:
         nsa_decode_cmp_kernel[(B * H, Tq, n_splits + n_win)](
-            q, kc, vc, k, v, scores, pm, pl, pacc, T, Tq, Tc, n_parts, n_splits, split,
-            *q.stride(), *kc.stride(), *vc.stride(), *k.stride(), *v.stride(), params.scale,
-            L=params.compress_block, D_STRIDE=params.compress_stride, BLOCK_N=BLOCK_N,
-            N_TILES=split // BLOCK_N, HAS_CMP=params.has_cmp, HAS_SLC=params.has_slc,
-            WINDOW=params.window if params.has_win else 0, num_warps=WARPS, **keys,
-            **geometry)
+            q, kc, vc, kc_tiles, vc_tiles, k, v, k_tiles, v_tiles, scores, pm, pl, pacc, T, Tq,
+            Tc, n_parts, n_splits, split, *q.stride(), *kc.stride(), *vc.stride(), *k.stride(),
+            *v.stride(), params.scale, L=params.compress_block, D_STRIDE=params.compress_stride,
+            BLOCK_N=BLOCK_N, N_TILES=split // BLOCK_N, HAS_CMP=params.has_cmp,
+            HAS_SLC=params.has_slc, WINDOW=params.window if params.has_win else 0,
+            TMA_CMP=tma_cmp, TMA=tma, num_warps=WARPS, **keys, **geometry)
     if params.has_slc:
         r, qc = params.compress_block // params.compress_stride, lp // params.compress_stride
         nsa_decode_select_kernel[(B * H, Tq, n_jtiles)](
@@ -129,9 +132,9 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
             INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=SELECT_TILE,
             U_PAD=_pow2(qc + r - 1), **_lse_merge(n_splits), num_warps=WARPS)
         nsa_decode_attend_kernel[(B * H, Tq, n_slc)](
-            q, k, v, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits, n_cand, *q.stride(),
-            *k.stride(), *v.stride(), params.scale, C_PAD=_pow2(n_cand), num_warps=WARPS,
-            **keys, **geometry)
+            q, k, v, k_tiles, v_tiles, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits,
+            n_cand, *q.stride(), *k.stride(), *v.stride(), params.scale, C_PAD=_pow2(n_cand),
+            TMA=tma, num_warps=WARPS, **keys, **geometry)
     present = [b for b, on in zip(("compressed", "selected", "window"),
                                   (params.has_cmp, params.has_slc, params.has_win)) if on]
     weights = dict(zip(present, fixed))
