@@ -65,7 +65,7 @@ def test_triton_decode_ranks_candidates_of_several_tiles(name, monkeypatch):
     """Tiles of 16 selection blocks (1 to 3 tiles here): the chosen blocks come from the ranking
     of every tile's candidates, as in a long cache with the shipped tile of 128."""
     from nsa_compile.kernels.nsa import triton_decode
-    monkeypatch.setattr(triton_decode, "SELECT_TILE", 16)
+    monkeypatch.setattr(triton_decode, "select_tile", lambda n_blocks, G: 16)
     _check_case(name)
 
 
@@ -129,6 +129,16 @@ def test_triton_decode_strided_inputs():
     o_ref = naive.nsa_attention_ref(q.double(), k.double(), v.double(), gates.double(),
                                     kc.double(), vc.double(), p)
     assert ((out.double() - o_ref).norm() / o_ref.norm()).item() < 1e-5
+
+
+def test_select_tile_by_cache_length_and_group():
+    from nsa_compile.kernels.nsa.triton_decode import select_tile
+    assert select_tile(1024, 16) == 128  # 64k cache: capped by G·tile <= 2048 scores
+    assert select_tile(1024, 4) == 256  # four tiles
+    assert select_tile(2048, 4) == 512
+    assert select_tile(4096, 3) == 512  # 2048 / 3 -> the power of two below
+    assert select_tile(128, 16) == 64  # 8k cache: at least 64
+    assert select_tile(1, 1) == 64
 
 
 def test_compressed_split_gives_every_sm_programs():

@@ -22,10 +22,13 @@ from .params import NSAParams, num_selection_blocks, supported
 from .triton_fwd import _pow2, launch_geometry, tile_pair
 
 BLOCK_N, WARPS = 64, 4
-# Selection blocks per program of the selection kernel; each keeps its n best as candidates,
-# and every selected-branch program ranks all T / (l' * SELECT_TILE) * n of them, a cost
-# quadratic in T: hence the limit (512 candidates at n = 16).
-SELECT_TILE = 128
+# Selection blocks per program of the selection kernel (`select_tile`): each program keeps its
+# n best as candidates, and every selected-branch program ranks all tiles' candidates, a cost
+# quadratic in their count, so tiles are large (about SELECT_TILES of them per position); but a
+# program loads G·tile scores, so G·tile stays within SELECT_SCORES. H200 (64k): tiles of 128
+# at G=16 (select 10.4 µs vs 29.5 with 256), 256 at G=4 (whole step 72.5 vs 76.3 µs with 128;
+# 128k: 122.3 vs 142.0). Past MAX_SELECTION_BLOCKS the ranking's registers run out.
+SELECT_TILES, SELECT_SCORES, MIN_SELECT_TILE = 4, 2048, 64
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
@@ -35,7 +38,6 @@ PROGRAMS_PER_SM = 4
 # 16; 8 parts per load beat 4 and 16.
 PART_CHUNK, COMBINE_COLUMNS = 8, 16
 MAX_UNROLLED_CHUNKS = 4
-TMA_CMP, TMA_SEG = True, True  # A/B switches (scratch)
 
 
 def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[str]:
@@ -46,6 +48,13 @@ def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[st
         reason = (f"decoding over more than {MAX_SELECTION_BLOCKS} selection blocks "
                   f"(T = {T} > {MAX_SELECTION_BLOCKS * params.select_block})")
     return reason
+
+
+def select_tile(n_blocks: int, G: int) -> int:
+    """Selection blocks per program of the selection kernel: a power of two near
+    n_blocks / SELECT_TILES, at least MIN_SELECT_TILE, at most SELECT_SCORES / G."""
+    most = 1 << (max(SELECT_SCORES // G, 1).bit_length() - 1)  # a power of two <= the budget
+    return max(min(_pow2(cdiv(n_blocks, SELECT_TILES)), most), MIN_SELECT_TILE)
 
 
 def compressed_split(Tc: int, programs: int, device: torch.device) -> int:
@@ -102,7 +111,8 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev, dtype=q.dtype)
-    n_jtiles = cdiv(num_selection_blocks(T, lp), SELECT_TILE) if params.has_slc else 0
+    tile = select_tile(num_selection_blocks(T, lp), G)
+    n_jtiles = cdiv(num_selection_blocks(T, lp), tile) if params.has_slc else 0
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
     idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
@@ -114,8 +124,8 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     vc = v_cmp if v_cmp is not None else kc
     block_n = min(BLOCK_N, _pow2(seg, 16))
     keys = dict(SEG=seg, SEG_BLOCK_N=block_n, SEG_TILES=cdiv(seg, block_n), N_SLC=n_slc)
-    kc_tiles, vc_tiles, tma_cmp = tile_pair(kc, vc, BLOCK_N) if TMA_CMP else (kc, vc, False)
-    k_tiles, v_tiles, tma = tile_pair(k, v, block_n) if TMA_SEG else (k, v, False)
+    kc_tiles, vc_tiles, tma_cmp = tile_pair(kc, vc, BLOCK_N)
+    k_tiles, v_tiles, tma = tile_pair(k, v, block_n)
     if n_splits + n_win:
         nsa_decode_cmp_kernel[(B * H, Tq, n_splits + n_win)](
             q, kc, vc, kc_tiles, vc_tiles, k, v, k_tiles, v_tiles, scores, pm, pl, pacc, T, Tq,
@@ -129,7 +139,7 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
         nsa_decode_select_kernel[(B * H, Tq, n_jtiles)](
             scores, pm, pl, cand, T, Tq, Tc, n_parts, n_splits, G=G, G_PAD=G_PAD,
             L=params.compress_block, D_STRIDE=params.compress_stride, L_SEL=lp, N_SEL=n_sel,
-            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=SELECT_TILE,
+            INITIAL=params.select_initial, LOCAL=params.select_local, BLOCK_J=tile,
             U_PAD=_pow2(qc + r - 1), **_lse_merge(n_splits), num_warps=WARPS)
         nsa_decode_attend_kernel[(B * H, Tq, n_slc)](
             q, k, v, k_tiles, v_tiles, cand, idx, pm, pl, pacc, T, Tq, n_parts, n_splits,
