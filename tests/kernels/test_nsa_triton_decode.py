@@ -135,8 +135,8 @@ def test_select_tile_by_cache_length_and_group():
     from nsa_compile.kernels.nsa.triton_decode import select_tile
     assert select_tile(1024, 16) == 128  # 64k cache: capped by G·tile <= 2048 scores
     assert select_tile(1024, 4) == 256  # four tiles
-    assert select_tile(2048, 4) == 512
-    assert select_tile(4096, 3) == 512  # 2048 / 3 -> the power of two below
+    assert select_tile(2048, 4) == 256  # at most 256
+    assert select_tile(2048, 12) == 128  # 2048 / 12 -> the power of two below
     assert select_tile(128, 16) == 64  # 8k cache: at least 64
     assert select_tile(1, 1) == 64
 

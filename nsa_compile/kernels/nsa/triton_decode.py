@@ -25,10 +25,11 @@ BLOCK_N, WARPS = 64, 4
 # Selection blocks per program of the selection kernel (`select_tile`): each program keeps its
 # n best as candidates, and every selected-branch program ranks all tiles' candidates, a cost
 # quadratic in their count, so tiles are large (about SELECT_TILES of them per position); but a
-# program loads G·tile scores, so G·tile stays within SELECT_SCORES. H200 (64k): tiles of 128
-# at G=16 (select 10.4 µs vs 29.5 with 256), 256 at G=4 (whole step 72.5 vs 76.3 µs with 128;
-# 128k: 122.3 vs 142.0). Past MAX_SELECTION_BLOCKS the ranking's registers run out.
-SELECT_TILES, SELECT_SCORES, MIN_SELECT_TILE = 4, 2048, 64
+# program loads G·tile scores, so G·tile stays within SELECT_SCORES, and the tile within 64 …
+# 256. H200 (64k): tiles of 128 at G=16 (select 10.4 µs vs 29.5 with 256; 64 at 8k: step 24.2
+# vs 26.2 µs), 256 at G=4 (step 72.9 vs 76.3 µs with 128; 128k: 124.2 vs 142.0 with 128 and
+# 130.2 with 512). Past MAX_SELECTION_BLOCKS the ranking's registers run out.
+SELECT_TILES, SELECT_SCORES, MIN_SELECT_TILE, MAX_SELECT_TILE = 4, 2048, 64, 256
 MAX_SELECTION_BLOCKS = 4096
 # Compressed-key splits: at least this many programs per SM, each at least one tile.
 PROGRAMS_PER_SM = 4
@@ -52,8 +53,10 @@ def decode_supported(params: NSAParams, T: int, dk: int, dv: int) -> Optional[st
 
 def select_tile(n_blocks: int, G: int) -> int:
     """Selection blocks per program of the selection kernel: a power of two near
-    n_blocks / SELECT_TILES, at least MIN_SELECT_TILE, at most SELECT_SCORES / G."""
-    most = 1 << (max(SELECT_SCORES // G, 1).bit_length() - 1)  # a power of two <= the budget
+    n_blocks / SELECT_TILES, at least MIN_SELECT_TILE, at most SELECT_SCORES / G and
+    MAX_SELECT_TILE."""
+    budget = 1 << (max(SELECT_SCORES // G, 1).bit_length() - 1)  # a power of two <= it
+    most = min(budget, MAX_SELECT_TILE)
     return max(min(_pow2(cdiv(n_blocks, SELECT_TILES)), most), MIN_SELECT_TILE)
 
 
