@@ -78,11 +78,12 @@ def _attend_keys(q, qk_scale, K, V, K_TILES, V_TILES, SCORES, score_row, score_o
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     for i in range(0, N_TILES):
-        pos = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = lo + i * BLOCK_N
+        pos = k0 + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, lo + i * BLOCK_N, hi, sk_b, sk_h,
-                               sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, BLOCK_N, DK, DK_PAD, DV,
-                               DV_PAD, HAS_V, TMA)
+        k, v = key_value_tiles(K, V, K_TILES, V_TILES, b, h, k0, hi, sk_b, sk_h, sk_t, sk_d,
+                               sv_b, sv_h, sv_t, sv_d, BLOCK_N, DK, DK_PAD, DV, DV_PAD, HAS_V,
+                               TMA)
         s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         if STORE_SCORES:
             tl.store(SCORES + score_row[:, None] * n_cols + pos[None, :], s,

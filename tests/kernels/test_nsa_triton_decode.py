@@ -63,7 +63,7 @@ def test_triton_decode_matches_reference(name):
                                   "local-only-T150-n5"])
 def test_triton_decode_ranks_candidates_of_several_tiles(name, monkeypatch):
     """Tiles of 16 selection blocks (1 to 3 tiles here): the chosen blocks come from the ranking
-    of every tile's candidates, as in a long cache with the shipped tile of 128."""
+    of every tile's candidates, as in a long cache (`select_tile`: about four tiles)."""
     from nsa_compile.kernels.nsa import triton_decode
     monkeypatch.setattr(triton_decode, "select_tile", lambda n_blocks, G: 16)
     _check_case(name)

@@ -114,8 +114,9 @@ def decode_with_blocks(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor],
     pm = torch.empty(B * H, Tq, n_parts, G, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * H, Tq, n_parts, G, DV_PAD, device=dev, dtype=q.dtype)
-    tile = select_tile(num_selection_blocks(T, lp), G)
-    n_jtiles = cdiv(num_selection_blocks(T, lp), tile) if params.has_slc else 0
+    n_blocks = num_selection_blocks(T, lp) if params.has_slc else 0
+    tile = select_tile(n_blocks, G)
+    n_jtiles = cdiv(n_blocks, tile)
     n_cand = n_jtiles * n_sel
     cand = torch.empty(B * H, Tq, n_cand, device=dev, dtype=torch.int64)
     idx = torch.empty(B * H, Tq, n_slc, device=dev, dtype=torch.int32)
