@@ -79,13 +79,13 @@ def _record_launches(monkeypatch, tma: bool) -> list:
         for name, obj in list(vars(module).items()):
             if name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, _Recorder(obj, launches))
-    from tests.kernels.test_nsa_triton_bwd import _forward_backward, _inputs
+    from tests.kernel_tests.test_nsa_triton_bwd import _forward_backward, _inputs
     nsa = ref.SMALL_NSA
     # G = 3 (a padded group), learned and fixed gates, both loops of the selected branch
     for cfg, configs in ((NSAConfig(**nsa), None),
                          (NSAConfig(**nsa, gate=(0.5, 1.0, 0.25)), ref.GPU_ORDERS["blocks"])):
         _forward_backward(*_inputs(1, 6, 2, 150, 64, 64, cfg, torch.float16), configs=configs)
-    from tests.kernels.test_nsa_triton_decode import _inputs as decode_inputs
+    from tests.kernel_tests.test_nsa_triton_decode import _inputs as decode_inputs
     for cfg in (NSAConfig(**nsa), NSAConfig(**{**nsa, "window": None}, gate=(1.0, 1.0),
                                             branches=("selected", "window"))):
         triton_decode.nsa_decode_cuda(*decode_inputs(1, 6, 2, 150, 2, 64, 64, cfg,
