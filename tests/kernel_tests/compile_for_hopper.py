@@ -18,7 +18,8 @@ def main(path: str) -> int:
     for job in json.loads(open(path).read()):
         kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
         src = ASTSource(fn=kernel, signature=job["signature"],
-                        constexprs={(i,): value for i, value in job["constexprs"]})
+                        constexprs={(i,): value for i, value in job["constexprs"]},
+                        attrs={(i,): [["tt.divisibility", 16]] for i in job["aligned"]})
         try:
             triton_compile(src, target=HOPPER, options=job["options"])
         except Exception:  # noqa: BLE001 — report every kernel that fails, then fail

@@ -4,6 +4,7 @@ helper's return types in a branch the run never takes) and its GPU passes happen
 No GPU needed: ptxas ships with Triton. The launches are recorded from a forward and backward
 run in the interpreter, with the GPU's default block sizes, and compiled in a process without
 the interpreter (`compile_for_hopper.py`)."""
+import contextlib
 import inspect
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from nsa_compile import NSAConfig
+from nsa_compile.templates.nsa_common import LENGTHS
 
 import nsa_reference as ref
 
@@ -52,33 +54,70 @@ def _arg_type(x) -> str:
     return "fp32"
 
 
+def _specialization(name: str, x) -> tuple:
+    """How Triton's launcher specialises argument `name`: ("constexpr", 1) for an int equal
+    to 1, else (type, "D" when divisible by 16 — ints and tensor addresses — or None); the
+    lengths `jit_kernel` leaves unspecialised keep their type only."""
+    from triton.backends.compiler import BaseBackend
+    from triton._C.libtriton import native_specialize_impl
+    if not isinstance(x, (int, torch.Tensor)) or isinstance(x, bool):
+        return _arg_type(x), None
+    return native_specialize_impl(BaseBackend, x, False, name not in LENGTHS, True)
+
+
 def _job(kernel, args, kwargs) -> dict:
-    """What compiling one recorded launch takes: the kernel's module and name, the argument
-    types ("constexpr" for constexpr and None arguments), constexpr values, launch options."""
+    """What compiling one recorded launch takes, as the GPU launch would compile it: the
+    kernel's module and name, the argument types ("constexpr" for constexpr and None
+    arguments, and for ints equal to 1, which Triton specialises), constexpr values, the
+    arguments Triton marks divisible by 16, launch options."""
     fn = kernel.fn
     names = list(inspect.signature(fn).parameters)
     values = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
-    signature, constexprs = {}, []
+    signature, constexprs, aligned = {}, [], []
     for i, name in enumerate(names):
         x = values[name]
         if name in kwargs or x is None:
             signature[name] = "constexpr"
             constexprs.append([i, x])
-        else:
-            signature[name] = _arg_type(x)
+            continue
+        ty, attr = _specialization(name, x)
+        if ty == "constexpr":
+            constexprs.append([i, attr])
+        elif attr == "D":
+            aligned.append(i)
+        signature[name] = ty if ty == "constexpr" else _arg_type(x)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
-                constexprs=constexprs, options=options)
+                constexprs=constexprs, aligned=aligned, options=options)
 
 
-def _record_launches(monkeypatch, tma: bool) -> list:
+@contextlib.contextmanager
+def recording():
+    """The NSA launchers' kernels replaced by `_Recorder`s for the block; yields the list of
+    (kernel, args, kwargs) their launches append to."""
     from nsa_compile.kernels.nsa import triton_bwd, triton_decode, triton_fwd
-    monkeypatch.setenv("NSA_COMPILE_TMA", "1" if tma else "0")
-    launches = []
+    launches, saved = [], []
     for module in (triton_fwd, triton_bwd, triton_decode):
         for name, obj in list(vars(module).items()):
             if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, _Recorder(obj, launches))
+                saved.append((module, name, obj))
+                setattr(module, name, _Recorder(obj, launches))
+    try:
+        yield launches
+    finally:
+        for module, name, obj in saved:
+            setattr(module, name, obj)
+
+
+def _record_launches(monkeypatch, tma: bool) -> list:
+    monkeypatch.setenv("NSA_COMPILE_TMA", "1" if tma else "0")
+    from nsa_compile.kernels.nsa import triton_decode
+    with recording() as launches:
+        _run_every_kernel(triton_decode)
+    return launches
+
+
+def _run_every_kernel(triton_decode) -> None:
     from tests.kernel_tests.test_nsa_triton_bwd import _forward_backward, _inputs
     nsa = ref.SMALL_NSA
     # G = 3 (a padded group), learned and fixed gates, both loops of the selected branch
@@ -90,7 +129,6 @@ def _record_launches(monkeypatch, tma: bool) -> list:
                                             branches=("selected", "window"))):
         triton_decode.nsa_decode_cuda(*decode_inputs(1, 6, 2, 150, 2, 64, 64, cfg,
                                                      torch.float16))
-    return launches
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
