@@ -90,8 +90,8 @@ def _compile(job: dict):
 
 def innermost_loops(sass: str) -> list:
     """[(instructions, MMAs, local loads, local stores)] of each innermost loop of a SASS
-    listing (a backward branch's range that holds no other), leaving out the few-instruction
-    loops that poll a barrier."""
+    listing (backward branches' ranges), leaving out the few-instruction loops that poll a
+    barrier."""
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -110,11 +110,16 @@ def innermost_loops(sass: str) -> list:
         if target and labels.get(target.group(1), addr) < addr:
             ranges.append((labels[target.group(1)], addr))
     bodies = {r: [text for addr, text in ins if r[0] <= addr <= r[1]] for r in set(ranges)}
-    loops = [r for r, body in bodies.items() if len(body) >= POLL_LOOP]
+    # shortest first, each range kept unless it overlaps one kept: an outer loop holds an
+    # inner one, and code the compiler placed after the function's end jumps back into a loop
+    # (a range that straddles it)
+    kept = []
+    for r in sorted((r for r in bodies if len(bodies[r]) >= POLL_LOOP),
+                    key=lambda r: len(bodies[r])):
+        if not any(r[0] <= o[1] and o[0] <= r[1] for o in kept):
+            kept.append(r)
     out = []
-    for lo, hi in sorted(loops):
-        if any(o != (lo, hi) and lo <= o[0] and o[1] <= hi for o in loops):
-            continue  # holds an inner loop
+    for lo, hi in sorted(kept):
         body = bodies[lo, hi]
         out.append((len(body), sum(bool(re.search(r"\bH(G)?MMA\b", t)) for t in body),
                     sum("LDL" in t for t in body), sum("STL" in t for t in body)))
