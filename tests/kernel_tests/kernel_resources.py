@@ -8,9 +8,10 @@ Records the kernel launches of one forward and backward (NSA defaults, D = 128, 
 sizes shipped for that GPU at that length bucket) in the Triton interpreter, in a process of
 its own, then compiles each launch for sm_90 the way the GPU's launcher would (ints equal to 1
 and 16-byte alignment specialised, bf16) and prints per kernel: registers per thread, spill
-bytes (ptxas), and for each innermost loop of its SASS the instructions, tensor-core MMAs and
-local-memory loads/stores (spills that run every iteration). A kernel at 255 registers with
-local loads inside its loop is a candidate for fewer live tiles.
+bytes (ptxas), for each innermost loop of its SASS the instructions, tensor-core MMAs and
+local-memory loads/stores (spills that run every iteration), and whether ptxas serialised the
+kernel's wgmma MMAs for want of registers. A kernel at 255 registers with local loads inside
+its loop is a candidate for fewer live tiles.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TUNED = ROOT / "nsa_compile" / "templates" / "tuned"
 RECORD_T = 160  # positions of the recorded run: every kernel and loop runs, quickly
 POLL_LOOP = 8  # loops of fewer instructions wait on a barrier (mbarrier try_wait)
+# ptxas's note that it made every wgmma wait for the one before (short of registers)
+SERIALISED = "C7512"
 
 
 def shipped_configs(gpu: str, group: int, t_bucket: int) -> dict:
@@ -131,8 +134,8 @@ def report(jobs: list, kernels: list) -> None:
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     names = lambda job: list(job["signature"])
     print("| HQ/H | kernel | constexprs | warps/stages | regs | spill st/ld B | innermost loops "
-          "(instr, MMA, local ld, local st) |")
-    print("|---|---|---|---|---|---|---|")
+          "(instr, MMA, local ld, local st) | wgmma |")
+    print("|---|---|---|---|---|---|---|---|")
     for job in jobs:
         if kernels and not any(k in job["kernel"] for k in kernels):
             continue
@@ -150,7 +153,8 @@ def report(jobs: list, kernels: list) -> None:
         options = job["options"]
         print(f"| {job['group']} | {job['kernel']} | {shown} | {options.get('num_warps', 4)}/"
               f"{options.get('num_stages', 3)} | {regs.group(1) if regs else '?'} | "
-              f"{'/'.join(spills.groups()) if spills else '?'} | {innermost_loops(sass)} |")
+              f"{'/'.join(spills.groups()) if spills else '?'} | {innermost_loops(sass)} | "
+              f"{'serialised' if SERIALISED in log else ''} |")
 
 
 def main() -> int:

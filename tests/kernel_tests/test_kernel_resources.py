@@ -52,3 +52,4 @@ def test_report_of_one_kernel_end_to_end():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == "16/1" and int(cells[4]) > 0  # registers, from ptxas
         assert "(" in cells[6]  # a loop with its counts
+        assert cells[7] in ("", "serialised")
