@@ -13,15 +13,20 @@ from triton.compiler import ASTSource
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
+def compile_job(job: dict):
+    """The CompiledKernel of one recorded launch (`test_nsa_triton_compile._job`) for sm_90."""
+    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+    src = ASTSource(fn=kernel, signature=job["signature"],
+                    constexprs={(i,): value for i, value in job["constexprs"]},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in job["aligned"]})
+    return triton_compile(src, target=HOPPER, options=job["options"])
+
+
 def main(path: str) -> int:
     failed = 0
     for job in json.loads(open(path).read()):
-        kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-        src = ASTSource(fn=kernel, signature=job["signature"],
-                        constexprs={(i,): value for i, value in job["constexprs"]},
-                        attrs={(i,): [["tt.divisibility", 16]] for i in job["aligned"]})
         try:
-            triton_compile(src, target=HOPPER, options=job["options"])
+            compile_job(job)
         except Exception:  # noqa: BLE001 — report every kernel that fails, then fail
             failed += 1
             print(f"{job['kernel']} {job['signature']} failed:\n{traceback.format_exc()}")

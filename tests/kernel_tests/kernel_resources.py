@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -78,16 +77,10 @@ def record(path: str, gpu: str, t_bucket: int, groups: list) -> None:
 
 def _compile(job: dict):
     """-> (CompiledKernel, ptxas log) of one job for sm_90."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-    src = ASTSource(fn=kernel, signature=job["signature"],
-                    constexprs={(i,): value for i, value in job["constexprs"]},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in job["aligned"]})
+    from compile_for_hopper import compile_job
     log = io.StringIO()  # ptxas's report, printed when TRITON_DUMP_PTXAS_LOG is set (`main`)
     with contextlib.redirect_stdout(log):
-        compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=job["options"])
+        compiled = compile_job(job)
     return compiled, log.getvalue()
 
 
@@ -132,7 +125,6 @@ def innermost_loops(sass: str) -> list:
 def report(jobs: list, kernels: list) -> None:
     import triton
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    names = lambda job: list(job["signature"])
     print("| HQ/H | kernel | constexprs | warps/stages | regs | spill st/ld B | innermost loops "
           "(instr, MMA, local ld, local st) | wgmma |")
     print("|---|---|---|---|---|---|---|---|")
@@ -147,8 +139,9 @@ def report(jobs: list, kernels: list) -> None:
             f.flush()
             sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
                                   check=True).stdout
-        shown = {names(job)[i]: v for i, v in job["constexprs"]
-                 if names(job)[i] in ("BLOCK_T", "BLOCK_K", "BLOCK_C", "WINDOW", "KEY_STRIDE",
+        names = list(job["signature"])
+        shown = {names[i]: v for i, v in job["constexprs"]
+                 if names[i] in ("BLOCK_T", "BLOCK_K", "BLOCK_C", "WINDOW", "KEY_STRIDE",
                                       "FOLD", "FUSE_DQ", "ACCUMULATE")}
         options = job["options"]
         print(f"| {job['group']} | {job['kernel']} | {shown} | {options.get('num_warps', 4)}/"

@@ -112,23 +112,21 @@ def recording():
 def _record_launches(monkeypatch, tma: bool) -> list:
     monkeypatch.setenv("NSA_COMPILE_TMA", "1" if tma else "0")
     from nsa_compile.kernels.nsa import triton_decode
-    with recording() as launches:
-        _run_every_kernel(triton_decode)
-    return launches
-
-
-def _run_every_kernel(triton_decode) -> None:
     from tests.kernel_tests.test_nsa_triton_bwd import _forward_backward, _inputs
-    nsa = ref.SMALL_NSA
-    # G = 3 (a padded group), learned and fixed gates, both loops of the selected branch
-    for cfg, configs in ((NSAConfig(**nsa), None),
-                         (NSAConfig(**nsa, gate=(0.5, 1.0, 0.25)), ref.GPU_ORDERS["blocks"])):
-        _forward_backward(*_inputs(1, 6, 2, 150, 64, 64, cfg, torch.float16), configs=configs)
     from tests.kernel_tests.test_nsa_triton_decode import _inputs as decode_inputs
-    for cfg in (NSAConfig(**nsa), NSAConfig(**{**nsa, "window": None}, gate=(1.0, 1.0),
-                                            branches=("selected", "window"))):
-        triton_decode.nsa_decode_cuda(*decode_inputs(1, 6, 2, 150, 2, 64, 64, cfg,
-                                                     torch.float16))
+    nsa = ref.SMALL_NSA
+    with recording() as launches:
+        # G = 3 (a padded group), learned and fixed gates, both loops of the selected branch
+        for cfg, configs in ((NSAConfig(**nsa), None),
+                             (NSAConfig(**nsa, gate=(0.5, 1.0, 0.25)),
+                              ref.GPU_ORDERS["blocks"])):
+            _forward_backward(*_inputs(1, 6, 2, 150, 64, 64, cfg, torch.float16),
+                              configs=configs)
+        for cfg in (NSAConfig(**nsa), NSAConfig(**{**nsa, "window": None}, gate=(1.0, 1.0),
+                                                branches=("selected", "window"))):
+            triton_decode.nsa_decode_cuda(*decode_inputs(1, 6, 2, 150, 2, 64, 64, cfg,
+                                                         torch.float16))
+    return launches
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
