@@ -23,6 +23,8 @@ GPU_ORDERS = dict(positions=dict(slc=KernelConfig(16, 0, 4, 2), slc_dq=KernelCon
                   blocks=dict(slc=KernelConfig(64, 1, 4, 2), slc_dq=KernelConfig(16, 1, 4, 1),
                               # the fused dQ needs room for K twice: fits D = 256
                               slc_dkdv=KernelConfig(32, 0, 4, 1)))
+# the fused dQ shares formed in two halves of Dk
+GPU_ORDERS["halves"] = {**GPU_ORDERS["blocks"], "slc_dkdv": KernelConfig(32, 1, 4, 1)}
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 

@@ -270,10 +270,13 @@ def nsa_slc_bwd_dkdv_kernel(
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         LP: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
         DV_PAD: tl.constexpr,
-        ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr):
+        ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_HALVES: tl.constexpr):
     """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), and
     with FUSE_DQ each (query, slot) pair's share of dQ, dS·K of this block, at row PAIRS[e] of
     DQ_PART (pairs, G, DK; the inputs' dtype) for `nsa_slc_bwd_dq_merge_kernel` to sum in fp32.
+    DQ_HALVES forms each share as two (rows × DK_PAD/2) products, one per half of K's columns:
+    half the fp32 tile live at once (ptxas then spills less at small groups; at G = 16 it can
+    stop serialising the MMAs and spill more instead — a tuning choice, `nsa_configs`).
 
     QUERIES[STARTS[g] : STARTS[g + 1]], g = (b·H + h)·n_blocks + j, are the positions that chose
     block j in ascending order; they are taken BLOCK_T at a time with their whole GQA group as
@@ -301,6 +304,9 @@ def nsa_slc_bwd_dkdv_kernel(
         live = pos < T
         k = load_keys(K, b, h, pos, live, sk_b, sk_h, sk_t, sk_d, DK, DK_PAD)
         v = load_keys(V, b, h, pos, live, sv_b, sv_h, sv_t, sv_d, DV, DV_PAD)
+        HALF: tl.constexpr = DK_PAD // 2
+        if FUSE_DQ and DQ_HALVES:  # K's column halves, the right operands of the two products
+            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k, [LP, 2, HALF]), (0, 2, 1)))
         qk_scale = scale * LOG2E
         r = tl.arange(0, BLOCK_T * G_PAD)
         gh = r % G_PAD
@@ -320,8 +326,15 @@ def nsa_slc_bwd_dkdv_kernel(
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             if FUSE_DQ:
                 pair = tl.load(PAIRS + e, mask=e < end, other=0)
-                store_rows(DQ_PART, tl.dot(ds.to(k.dtype), k) * scale, b, gh, pair, ok, 0, DK,
-                           G * DK, 1, DK, DK_PAD, False)
+                if DQ_HALVES:
+                    ds_in = ds.to(k.dtype)
+                    store_rows(DQ_PART, tl.dot(ds_in, k_lo) * scale, b, gh, pair, ok, 0, DK,
+                               G * DK, 1, HALF, HALF, False)
+                    store_rows(DQ_PART + HALF, tl.dot(ds_in, k_hi) * scale, b, gh, pair, ok, 0,
+                               DK, G * DK, 1, DK - HALF, HALF, False)
+                else:
+                    store_rows(DQ_PART, tl.dot(ds.to(k.dtype), k) * scale, b, gh, pair, ok, 0,
+                               DK, G * DK, 1, DK, DK_PAD, False)
         if s == 0:
             store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                        DK_PAD, ACCUMULATE)

@@ -41,9 +41,11 @@ SPACES = {
     "win_dkdv": dict(block_m=(32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
     # backward, selected branch: dq block_n 0 — one position per program (block_m = padded
     # group), 1 — fused into dkdv (no launch of its own: one candidate stands for it);
-    # dkdv block_m query rows per step over a block's inverted selection
+    # dkdv block_m query rows per step over a block's inverted selection; block_n 1 — the fused
+    # dQ shares formed in two halves of Dk (Dk of 32 or more, `nsa_slc_bwd_dkdv_kernel`)
     "slc_dq": dict(block_m=(16,), block_n=(0, 1), num_warps=(2, 4, 8), num_stages=(1, 2)),
-    "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0,), num_warps=(4, 8), num_stages=(1, 2)),
+    "slc_dkdv": dict(block_m=(32, 64, 128), block_n=(0, 1), num_warps=(4, 8),
+                     num_stages=(1, 2)),
 }
 
 # The kernels whose block sizes each kind picks: (template module, kernel names). An autotune
@@ -93,9 +95,11 @@ def _fits(kind: str, cfg: KernelConfig, group_pad: int, dk: int, dv: int, elem: 
     if cfg.block_m < group_pad:
         return False
     threads_bytes = cfg.num_warps * 32 * 4
+    if kind == "slc_dkdv" and cfg.block_n and dk < 32:
+        return False
     if kind.endswith("dkdv"):
         # resident: the key tile and its fp32 dK/dV; per step: q/dO rows and fp32 P/dS
-        keys = cfg.block_n or 64  # the selected branch's tile is one selection block
+        keys = 64 if kind == "slc_dkdv" else cfg.block_n  # the selected tile: one block
         regs = (keys * (dk + dv) * 4 + cfg.block_m * keys * 4 * 2) / threads_bytes
         smem = (cfg.num_stages * cfg.block_m + keys) * (dk + dv) * elem
         return regs <= 256 and smem <= 200 * 1024

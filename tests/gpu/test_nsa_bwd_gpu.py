@@ -43,7 +43,7 @@ def _run(q, k, v, gates, kc, vc, do, p, order=None):
                                         res.branch_lse(), res.block_idx, configs)
 
 
-@pytest.mark.parametrize("order", ["positions", "blocks"])
+@pytest.mark.parametrize("order", ["positions", "blocks", "halves"])
 @pytest.mark.parametrize("T,G,D", SHAPES, ids=[f"T{T}-G{G}-D{D}" for T, G, D in SHAPES])
 def test_backward_bf16_matches_fp64(T, G, D, order):
     q, k, v, gates, kc, vc, do = _inputs(T, G, D, T * 131 + G * 7 + D)

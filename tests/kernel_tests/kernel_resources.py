@@ -142,7 +142,7 @@ def report(jobs: list, kernels: list) -> None:
         names = list(job["signature"])
         shown = {names[i]: v for i, v in job["constexprs"]
                  if names[i] in ("BLOCK_T", "BLOCK_K", "BLOCK_C", "WINDOW", "KEY_STRIDE",
-                                      "FOLD", "FUSE_DQ", "ACCUMULATE")}
+                                      "FOLD", "FUSE_DQ", "DQ_HALVES", "ACCUMULATE")}
         options = job["options"]
         print(f"| {job['group']} | {job['kernel']} | {shown} | {options.get('num_warps', 4)}/"
               f"{options.get('num_stages', 3)} | {regs.group(1) if regs else '?'} | "

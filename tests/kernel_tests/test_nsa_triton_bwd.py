@@ -6,6 +6,7 @@ import torch
 from nsa_compile import NSAConfig
 from nsa_compile.kernels.nsa import naive
 from nsa_compile.kernels.nsa.params import NSAParams
+from nsa_compile.templates.nsa_configs import KernelConfig
 
 import nsa_reference as ref
 
@@ -31,6 +32,8 @@ CASES = {
         **SMALL_NSA, branches=("compressed",), gate=(0.7,)), torch.float32),
     "window-only-learned-T63": (1, 8, 2, 63, 32, 16, NSAConfig(
         **SMALL_NSA, branches=("window",)), torch.float16),
+    "dk48-learned-T37-G2": (1, 4, 2, 37, 48, 16, NSAConfig(**SMALL_NSA), torch.float32),
+    "dk48-learned-T30-G4-fp16": (1, 4, 1, 30, 48, 32, NSAConfig(**SMALL_NSA), torch.float16),
 }
 
 
@@ -198,6 +201,14 @@ def test_triton_backward_selected_dq_fused_into_dkdv(name):
     """dQ of the selected branch as per-(query, slot) shares of the block-centric dK/dV
     kernel, summed by the merge kernel (with the block-by-block forward)."""
     test_triton_backward_matches_reference(name, configs={**SMALL, **ref.SMALL_BLOCKS})
+
+
+@pytest.mark.parametrize("name", ["dk48-learned-T37-G2", "dk48-learned-T30-G4-fp16"])
+def test_triton_backward_fused_dq_in_halves_of_dk(name):
+    """The fused dQ shares as two products over K's column halves (slc_dkdv block_n 1): Dk
+    = 48 pads to 64, so the second half has 16 live columns of 32."""
+    test_triton_backward_matches_reference(name, configs={
+        **SMALL, **ref.SMALL_BLOCKS, "slc_dkdv": KernelConfig(16, 1, 4, 1)})
 
 
 def test_triton_backward_fused_dq_in_position_chunks(monkeypatch):

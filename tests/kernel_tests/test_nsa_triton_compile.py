@@ -117,9 +117,11 @@ def _record_launches(monkeypatch, tma: bool) -> list:
     nsa = ref.SMALL_NSA
     with recording() as launches:
         # G = 3 (a padded group), learned and fixed gates, both loops of the selected branch
+        # (block by block: the fused dQ shares whole and in halves of Dk)
         for cfg, configs in ((NSAConfig(**nsa), None),
                              (NSAConfig(**nsa, gate=(0.5, 1.0, 0.25)),
-                              ref.GPU_ORDERS["blocks"])):
+                              ref.GPU_ORDERS["blocks"]),
+                             (NSAConfig(**nsa), ref.GPU_ORDERS["halves"])):
             _forward_backward(*_inputs(1, 6, 2, 150, 64, 64, cfg, torch.float16),
                               configs=configs)
         for cfg in (NSAConfig(**nsa), NSAConfig(**{**nsa, "window": None}, gate=(1.0, 1.0),

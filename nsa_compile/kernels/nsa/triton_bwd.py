@@ -208,13 +208,15 @@ class _Backward:
         dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
+        halves = dq_part is not None and cfg.block_n == 1 and self.common["DK_PAD"] >= 32
         nsa_slc_bwd_dkdv_kernel[(cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
             self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
             *out_strides, self.T, n_blocks, self.n_rows, chunk, p.scale, G_PAD=g_pad,
             BLOCK_T=block_t, LP=p.select_block, ACCUMULATE=self.wrote_dkv,
-            FUSE_DQ=dq_part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FUSE_DQ=dq_part is not None, DQ_HALVES=halves, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
             **self.common)
         nsa_slc_bwd_reduce_kernel[(self.B * self.H, n_blocks)](
             dk_part, dv_part, slots, self.dk, self.dv, *out_strides, self.T, n_blocks, H=self.H,
@@ -318,9 +320,11 @@ def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Optional[T
             return lambda cfg: time_config(kind, cfg, {})
         # Each dK/dV candidate is timed with the selected dQ made both ways (its own kernel,
         # fused into dK/dV) and keeps the faster: fused, the kernel does more per step and
-        # wants other block sizes. slc_dq, tuned after it, then picks the way.
+        # wants other block sizes. slc_dq, tuned after it, then picks the way. The halved
+        # dQ shares (block_n 1) exist only fused.
         ways = [DEFAULTS["slc_dq"], next(c for c in space("slc_dq") if c.block_n)]
-        return lambda cfg: min(time_config(kind, cfg, {"slc_dq": dq}) for dq in ways)
+        return lambda cfg: min(time_config(kind, cfg, {"slc_dq": dq})
+                               for dq in ways[cfg.block_n:])
 
     keys = shape_keys(q, k, v, params, backward=True)
     for kind in sorted(keys, key=lambda kind: kind == "slc_dq"):  # slc_dq after slc_dkdv
