@@ -208,7 +208,8 @@ class _Backward:
         dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
-        halves = dq_part is not None and cfg.block_n == 1 and self.common["DK_PAD"] >= 32
+        # the halved dQ shares: fused only, and from Dk = 32 on (as `nsa_configs._fits` prunes)
+        halves = dq_part is not None and cfg.block_n == 1 and self.common["DK"] >= 32
         nsa_slc_bwd_dkdv_kernel[(cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
@@ -324,7 +325,7 @@ def tuned_configs(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Optional[T
         # dQ shares (block_n 1) exist only fused.
         ways = [DEFAULTS["slc_dq"], next(c for c in space("slc_dq") if c.block_n)]
         return lambda cfg: min(time_config(kind, cfg, {"slc_dq": dq})
-                               for dq in ways[cfg.block_n:])
+                               for dq in (ways[1:] if cfg.block_n else ways))
 
     keys = shape_keys(q, k, v, params, backward=True)
     for kind in sorted(keys, key=lambda kind: kind == "slc_dq"):  # slc_dq after slc_dkdv
