@@ -1,8 +1,13 @@
 """Compiles recorded kernel launches for sm_90 (run without TRITON_INTERPRET, so the templates
 load as compilable kernels): `python compile_for_hopper.py jobs.json`, jobs as
-`test_nsa_triton_compile._job` writes them. Prints each failure; exit status 1 if any."""
+`test_nsa_triton_compile._job` writes them (Gluon kernels too). Prints each failure; exit
+status 1 if any. With `--resources`, prints per job a JSON line of what ptxas reports."""
+import contextlib
 import importlib
+import io
 import json
+import os
+import re
 import sys
 import traceback
 
@@ -15,18 +20,39 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 def compile_job(job: dict):
     """The CompiledKernel of one recorded launch (`test_nsa_triton_compile._job`) for sm_90."""
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-    src = ASTSource(fn=kernel, signature=job["signature"],
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    src = source(fn=kernel, signature=job["signature"],
                     constexprs={(i,): value for i, value in job["constexprs"]},
                     attrs={(i,): [["tt.divisibility", 16]] for i in job["aligned"]})
     return triton_compile(src, target=HOPPER, options=job["options"])
 
 
-def main(path: str) -> int:
+def resources(job: dict) -> dict:
+    """What ptxas reports for one job's sm_90 compile: registers, spill bytes (stores +
+    loads) and the PTX's register reallocations (setmaxnreg counts, warp-specialised kernels).
+    Compiles afresh: ptxas reports only when it runs."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = compile_job(job)
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    return dict(kernel=job["kernel"], registers=int(regs.group(1)),
+                spill_bytes=sum(map(int, spills.groups())),
+                setmaxnreg=sorted({int(n) for n in re.findall(
+                    r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])}))
+
+
+def main(path: str, report: bool = False) -> int:
     failed = 0
     for job in json.loads(open(path).read()):
         try:
-            compile_job(job)
+            if report:
+                print(json.dumps(resources(job)))
+            else:
+                compile_job(job)
         except Exception:  # noqa: BLE001 — report every kernel that fails, then fail
             failed += 1
             print(f"{job['kernel']} {job['signature']} failed:\n{traceback.format_exc()}")
@@ -34,4 +60,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], "--resources" in sys.argv[2:]))

@@ -145,13 +145,55 @@ def test_every_kernel_launch_compiles_for_hopper(tma, monkeypatch, tmp_path):
                 job["kernel"] for job in jobs.values()}
     if tma:
         assert any("tensordesc" in str(job["signature"]) for job in jobs.values())
+    out = _compile_for_hopper(list(jobs.values()), tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def _compile_for_hopper(jobs: list, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`compile_for_hopper.py` on these jobs in a process without the interpreter and with a
+    fresh compile cache."""
     path = tmp_path / "jobs.json"
-    path.write_text(json.dumps(list(jobs.values())))
+    path.write_text(json.dumps(jobs))
     import nsa_compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(nsa_compile.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     helper = Path(__file__).with_name("compile_for_hopper.py")
-    out = subprocess.run([sys.executable, str(helper), str(path)], env=env,
-                         capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(helper), str(path), *flags], env=env,
+                          capture_output=True, text=True)
+
+
+def _warp_specialised_job(G: int, D: int, stages: int) -> dict:
+    """A launch of the warp-specialised selected dK/dV (`templates.nsa_bwd_ws`) as
+    `triton_bwd._Backward._selected_dkdv_ws` makes it (bf16, strides multiples of 16), built
+    by hand: Gluon has no interpreter to record it in."""
+    from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
+    from nsa_compile.templates import nsa_bwd_ws
+    fn = nsa_bwd_ws.nsa_slc_bwd_dkdv_ws_kernel.fn
+    names = list(inspect.signature(fn).parameters)
+    pointers = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", ROWS="*fp32", QUERIES="*i32",
+                    STARTS="*i64", SLOTS="*i64", DK_OUT="*fp32", DV_OUT="*fp32",
+                    DK_PART="*fp32", DV_PART="*fp32")
+    constexprs = dict(H=2, G=G, BLOCK_T=nsa_bwd_ws.ROWS_PER_TILE // G, LP=64, D=D,
+                      ACCUMULATE=False, STAGES=stages, CONSUMER_REGS=WS_CONSUMER_REGS,
+                      LOADER_REGS=WS_LOADER_REGS)
+    strides = [n for n in names if n.startswith("s") and n != "scale"]
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else
+                                 "fp32" if n == "scale" else "i32") for n in names}
+    return dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
+                constexprs=[[names.index(n), v] for n, v in constexprs.items()],
+                aligned=[names.index(n) for n in [*pointers, *strides]],
+                options=dict(num_warps=4))
+
+
+@pytest.mark.parametrize("G,D", [(1, 128), (4, 128), (16, 128), (8, 64)])
+def test_warp_specialised_selected_dkdv_compiles_without_spills(G, D, tmp_path):
+    """The Gluon kernel compiles for sm_90 with its register split (setmaxnreg down to the
+    loader's count, up to the consumers') and ptxas spills nothing."""
+    from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
+    out = _compile_for_hopper([_warp_specialised_job(G, D, 4)], tmp_path, "--resources")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["spill_bytes"] == 0, report
+    assert {WS_CONSUMER_REGS, WS_LOADER_REGS} <= set(report["setmaxnreg"]), report

@@ -36,6 +36,10 @@ MERGE_DQ_WARPS = 8
 # Rows per program of the (untuned, memory-bound) rows kernel, 4 warps: on the H100 32 took
 # 1.74 ms instead of 64's 1.89 at 64/4 64k, 0.87 instead of 0.96 at 32/8 64k.
 ROWS_BLOCK = 32
+# slc_dkdv block_n asking for the warp-specialised Gluon kernel (`templates.nsa_bwd_ws`; not a
+# tuning candidate yet) and its register split: the consumers' loop compiles without spills at
+# 232 (tests/kernel_tests), the loader needs few.
+WARP_SPECIALISED, WS_CONSUMER_REGS, WS_LOADER_REGS = 2, 232, 32
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
@@ -208,22 +212,77 @@ class _Backward:
         dk_part = self.dk.new_empty(n_slots, p.select_block, self.dk.shape[-1])
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
-        # the halved dQ shares: fused only, and from Dk = 32 on (as `nsa_configs._fits` prunes)
-        halves = dq_part is not None and cfg.block_n == 1 and self.common["DK"] >= 32
-        nsa_slc_bwd_dkdv_kernel[(cdiv(n_pos, chunk), self.B * self.H, n_blocks)](
-            self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
-            inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
-            self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
-            *out_strides, self.T, n_blocks, self.n_rows, chunk, p.scale, G_PAD=g_pad,
-            BLOCK_T=block_t, LP=p.select_block, ACCUMULATE=self.wrote_dkv,
-            FUSE_DQ=dq_part is not None, DQ_HALVES=halves, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **self.common)
+        grid = (cdiv(n_pos, chunk), self.B * self.H, n_blocks)
+        if cfg.block_n == WARP_SPECIALISED:
+            self._selected_dkdv_ws(cfg, grid, inv, slots, dk_part, dv_part, chunk, dq_part)
+        else:
+            # the halved dQ shares: fused only, and from Dk = 32 on (as `nsa_configs._fits`
+            # prunes)
+            halves = dq_part is not None and cfg.block_n == 1 and self.common["DK"] >= 32
+            nsa_slc_bwd_dkdv_kernel[grid](
+                self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries,
+                inv.starts, inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
+                self.dq if dq_part is None else dq_part, *self._strides(self.k, self.v),
+                *out_strides, self.T, n_blocks, self.n_rows, chunk, p.scale, G_PAD=g_pad,
+                BLOCK_T=block_t, LP=p.select_block, ACCUMULATE=self.wrote_dkv,
+                FUSE_DQ=dq_part is not None, DQ_HALVES=halves, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **self.common)
         nsa_slc_bwd_reduce_kernel[(self.B * self.H, n_blocks)](
             dk_part, dv_part, slots, self.dk, self.dv, *out_strides, self.T, n_blocks, H=self.H,
             LP=p.select_block, DK=self.common["DK"], DK_PAD=self.common["DK_PAD"],
             DV=self.common["DV"], DV_PAD=self.common["DV_PAD"])
         self.wrote_dkv = True
+
+    def _selected_dkdv_ws(self, cfg: KernelConfig, grid, inv: Inverted, slots: Tensor,
+                          dk_part: Tensor, dv_part: Tensor, chunk: int,
+                          dq_part: Optional[Tensor]) -> None:
+        """selected_dkdv's kernel in its warp-specialised Gluon form (`templates.nsa_bwd_ws`),
+        which the config asks for with slc_dkdv block_n = WARP_SPECIALISED: block_m 32 rows
+        per tile, num_warps 4 (each consumer warpgroup), num_stages its ring of q/dO stages."""
+        reason = warp_specialised_limits(self.q, self.k, self.v, self.do, self.params, cfg,
+                                         dq_part is not None)
+        if reason:
+            raise ValueError(f"slc_dkdv config {cfg} asks for the warp-specialised selected "
+                             f"dK/dV kernel, which {reason}; use block_n 0 or 1")
+        from ...templates.nsa_bwd_ws import ROWS_PER_TILE, nsa_slc_bwd_dkdv_ws_kernel
+        q, k, v, do = self.q, self.k, self.v, self.do
+        nsa_slc_bwd_dkdv_ws_kernel[grid](
+            q, k, v, do, self._branch("selected"), inv.queries, inv.starts, slots, self.dk,
+            self.dv, dk_part, dv_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *self.dk.stride()[:3], *self.dv.stride()[:3], self.T,
+            grid[2], self.n_rows, chunk, self.params.scale, H=self.H, G=self.G,
+            BLOCK_T=ROWS_PER_TILE // self.G, LP=self.params.select_block, D=q.shape[-1],
+            ACCUMULATE=self.wrote_dkv, STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
+            LOADER_REGS=WS_LOADER_REGS, num_warps=4)
+
+
+def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, params: NSAParams,
+                            cfg: KernelConfig, fused_dq: bool) -> Optional[str]:
+    """None when `templates.nsa_bwd_ws` handles these inputs with config cfg, else what it
+    lacks (words to follow "the kernel"): a Hopper GPU, unfused dQ, Dk == Dv in {64, 128},
+    16-bit inputs, a power-of-two group of at most 32, 64-key selection blocks, row strides of
+    16-element multiples, its fixed tile and warps, and enough stages to hold the second
+    consumer's sums."""
+    from ...templates.nsa_bwd_ws import ROWS_PER_TILE
+    G = q.shape[1] // k.shape[1]
+    strides = [s for x in (q, k, v, do) for s in x.stride()[:3]]
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "runs on Hopper (sm_90) GPUs only"
+    checks = [
+        (fused_dq, "does not fuse the selected dQ (use slc_dq block_n 0)"),
+        (q.shape[-1] != v.shape[-1] or q.shape[-1] not in (64, 128), "needs Dk == Dv in {64, 128}"),
+        (q.element_size() != 2, "needs 16-bit inputs"),
+        (G & (G - 1) or G > ROWS_PER_TILE, f"needs a power-of-two GQA group <= {ROWS_PER_TILE}"),
+        (params.select_block != 64, "needs select_block 64 (one wgmma tile of keys)"),
+        (any(s % 16 for s in strides) or any(x.stride(-1) != 1 or x.data_ptr() % 16
+                                             for x in (q, k, v, do)),
+         "needs contiguous rows at 16-element multiples (cp.async of 16 bytes)"),
+        ((cfg.block_m, cfg.num_warps) != (ROWS_PER_TILE, 4),
+         f"takes block_m {ROWS_PER_TILE} and num_warps 4"),
+        (cfg.num_stages * ROWS_PER_TILE < 2 * params.select_block,
+         f"needs num_stages >= {2 * params.select_block // ROWS_PER_TILE}"),
+    ]
+    return next((why for bad, why in checks if bad), None)
 
 
 class RowStats(NamedTuple):
