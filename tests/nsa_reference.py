@@ -25,9 +25,10 @@ GPU_ORDERS = dict(positions=dict(slc=KernelConfig(16, 0, 4, 2), slc_dq=KernelCon
                               slc_dkdv=KernelConfig(32, 0, 4, 1)))
 # the fused dQ shares formed in two halves of Dk
 GPU_ORDERS["halves"] = {**GPU_ORDERS["blocks"], "slc_dkdv": KernelConfig(32, 1, 4, 1)}
-# the warp-specialised Gluon dK/dV (block_n 2, Hopper only; `templates.nsa_bwd_ws`), dQ per
-# position
-GPU_ORDERS["ws"] = {**GPU_ORDERS["positions"], "slc_dkdv": KernelConfig(32, 2, 4, 4)}
+# the warp-specialised Gluon dK/dV kernels (num_warps 12, Hopper only; `templates.nsa_bwd_ws`),
+# the selected dQ per position
+GPU_ORDERS["ws"] = {**GPU_ORDERS["positions"], "slc_dkdv": KernelConfig(32, 0, 12, 4),
+                    "cmp_dkdv": KernelConfig(32, 64, 12, 4), "win_dkdv": KernelConfig(32, 64, 12, 4)}
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 

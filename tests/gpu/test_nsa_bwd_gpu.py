@@ -44,9 +44,9 @@ def _run(q, k, v, gates, kc, vc, do, p, order=None):
 
 
 def _skip_unsupported(order, D):
-    """The warp-specialised selected dK/dV ("ws") runs on Hopper only, for D of 64 and 128."""
+    """The warp-specialised dK/dV kernels ("ws") run on Hopper only, for D of 64 and 128."""
     if order == "ws" and (torch.cuda.get_device_capability() != (9, 0) or D not in (64, 128)):
-        pytest.skip("the warp-specialised selected dK/dV needs sm_90 and D in {64, 128}")
+        pytest.skip("the warp-specialised dK/dV kernels need sm_90 and D in {64, 128}")
 
 
 @pytest.mark.parametrize("order", ["positions", "blocks", "halves", "ws"])

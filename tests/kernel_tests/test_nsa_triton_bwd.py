@@ -229,37 +229,42 @@ def test_triton_backward_fused_dq_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_warp_specialised_selected_dkdv_off_hopper_says_why():
-    """slc_dkdv block_n 2 asks for the Gluon kernel (no interpreter, sm_90 only): elsewhere a
-    ValueError naming the config, the limit and the choices that work."""
+def test_warp_specialised_dkdv_off_hopper_says_why():
+    """A dK/dV config with num_warps 12 asks for the Gluon kernels (no interpreter, sm_90
+    only): elsewhere a ValueError naming the kind, the limit and the configs that work."""
     args = _inputs(1, 4, 2, 37, 16, 16, NSAConfig(**SMALL_NSA), torch.float32)
-    with pytest.raises(ValueError, match=r"warp-specialised .* Hopper .* block_n 0 or 1"):
-        _forward_backward(*args, configs={**SMALL, "slc_dkdv": KernelConfig(32, 2, 4, 4)})
+    for kind, cfg in (("slc_dkdv", KernelConfig(32, 0, 12, 4)),
+                      ("win_dkdv", KernelConfig(32, 64, 12, 4))):
+        with pytest.raises(ValueError, match=rf"{kind} .* warp-specialised .* Hopper .*"
+                                             r"num_warps 4 or 8"):
+            _forward_backward(*args, configs={**SMALL, kind: cfg})
 
 
 def test_warp_specialised_limits_name_each_unmet_need(monkeypatch):
-    """With a Hopper GPU assumed, each input the Gluon kernel cannot take has its reason."""
+    """With a Hopper GPU assumed, each input or config the Gluon kernels cannot take has its
+    reason."""
     from nsa_compile.kernels.nsa import triton_bwd
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    p = NSAParams.from_config(NSAConfig(), 128 ** -0.5)
-    ws = KernelConfig(32, 2, 4, 4)
+    ws, dense = KernelConfig(32, 0, 12, 4), KernelConfig(32, 64, 12, 4)
 
-    def limits(HQ=16, H=1, D=128, DV=128, dtype=torch.bfloat16, cfg=ws, fused=False, p=p):
+    def limits(HQ=16, H=1, D=128, DV=128, dtype=torch.bfloat16, cfg=ws, kind="slc_dkdv",
+               fused=False, select_block=64):
         q = torch.empty(1, HQ, 64, D, dtype=dtype, device="meta")
         k = torch.empty(1, H, 64, D, dtype=dtype, device="meta")
         v = torch.empty(1, H, 64, DV, dtype=dtype, device="meta")
-        # meta tensors report no device type "cuda": stand in for CUDA ones
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as m:  # meta tensors standing in for CUDA ones
             m.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
             m.setattr(torch.Tensor, "data_ptr", lambda self: 0)
-            return triton_bwd.warp_specialised_limits(q, k, v, q, p, cfg, fused)
+            return triton_bwd.warp_specialised_limits(q, k, v, q, cfg, kind, fused, select_block)
 
     assert limits() is None
+    assert limits(cfg=dense, kind="cmp_dkdv", select_block=16) is None
     assert "fuse" in limits(fused=True)
+    assert "select_block 64" in limits(select_block=32)
     assert "Dk == Dv" in limits(DV=64)
     assert "Dk == Dv" in limits(D=256, DV=256)
     assert "16-bit" in limits(dtype=torch.float32)
     assert "power-of-two" in limits(HQ=12, H=1)
-    assert "select_block 64" in limits(p=p._replace(select_block=32))
-    assert "block_m 32" in limits(cfg=KernelConfig(64, 2, 4, 4))
-    assert "num_stages >= 4" in limits(cfg=KernelConfig(32, 2, 4, 2))
+    assert "block_m 32" in limits(cfg=KernelConfig(64, 0, 12, 4))
+    assert "block_n 64" in limits(cfg=KernelConfig(32, 128, 12, 4), kind="win_dkdv")
+    assert "num_stages >= 4" in limits(cfg=KernelConfig(32, 0, 12, 2))

@@ -164,20 +164,22 @@ def _compile_for_hopper(jobs: list, tmp_path: Path, *flags: str) -> subprocess.C
                           capture_output=True, text=True)
 
 
-def _warp_specialised_job(G: int, D: int, stages: int) -> dict:
-    """A launch of the warp-specialised selected dK/dV (`templates.nsa_bwd_ws`) as
-    `triton_bwd._Backward._selected_dkdv_ws` makes it (bf16, strides multiples of 16), built
-    by hand: Gluon has no interpreter to record it in."""
+def _warp_specialised_job(kernel: str, G: int, D: int, stages: int, **constexprs) -> dict:
+    """A launch of one of the warp-specialised dK/dV kernels (`templates.nsa_bwd_ws`) as
+    `triton_bwd._Backward` makes it (bf16, strides multiples of 16; the window's dK/dV stored
+    in bf16), built by hand: Gluon has no interpreter to record it in."""
     from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
     from nsa_compile.templates import nsa_bwd_ws
-    fn = nsa_bwd_ws.nsa_slc_bwd_dkdv_ws_kernel.fn
+    fn = getattr(nsa_bwd_ws, kernel).fn
     names = list(inspect.signature(fn).parameters)
+    out = "*bf16" if constexprs.get("WINDOW") else "*fp32"
     pointers = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", ROWS="*fp32", QUERIES="*i32",
-                    STARTS="*i64", SLOTS="*i64", DK_OUT="*fp32", DV_OUT="*fp32",
-                    DK_PART="*fp32", DV_PART="*fp32")
-    constexprs = dict(H=2, G=G, BLOCK_T=nsa_bwd_ws.ROWS_PER_TILE // G, LP=64, D=D,
-                      ACCUMULATE=False, STAGES=stages, CONSUMER_REGS=WS_CONSUMER_REGS,
-                      LOADER_REGS=WS_LOADER_REGS)
+                    STARTS="*i64", SLOTS="*i64", DK_OUT=out, DV_OUT=out, DK_PART="*fp32",
+                    DV_PART="*fp32", DK_SUM="*fp32", DV_SUM="*fp32")
+    constexprs = dict(H=2, G=G, BLOCK_T=nsa_bwd_ws.ROWS_PER_TILE // G, D=D, STAGES=stages,
+                      CONSUMER_REGS=WS_CONSUMER_REGS, LOADER_REGS=WS_LOADER_REGS,
+                      **constexprs)
+    pointers = {n: t for n, t in pointers.items() if n in names}
     strides = [n for n in names if n.startswith("s") and n != "scale"]
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else
                                  "fp32" if n == "scale" else "i32") for n in names}
@@ -187,12 +189,29 @@ def _warp_specialised_job(G: int, D: int, stages: int) -> dict:
                 options=dict(num_warps=4))
 
 
-@pytest.mark.parametrize("G,D", [(1, 128), (4, 128), (16, 128), (8, 64)])
-def test_warp_specialised_selected_dkdv_compiles_without_spills(G, D, tmp_path):
-    """The Gluon kernel compiles for sm_90 with its register split (setmaxnreg down to the
+SELECTED = dict(LP=64, ACCUMULATE=False)
+COMPRESSED = dict(BLOCK_K=64, KEY_STRIDE=16, KEY_LAST=31, WINDOW=0, ACCUMULATE=False)
+WINDOW = dict(BLOCK_K=64, KEY_STRIDE=1, KEY_LAST=0, WINDOW=512, ACCUMULATE=True)
+WS_CASES = {
+    "selected-G1": ("nsa_slc_bwd_dkdv_ws_kernel", 1, 128, SELECTED),
+    "selected-G4": ("nsa_slc_bwd_dkdv_ws_kernel", 4, 128, SELECTED),
+    "selected-G16": ("nsa_slc_bwd_dkdv_ws_kernel", 16, 128, SELECTED),
+    "selected-G8-D64": ("nsa_slc_bwd_dkdv_ws_kernel", 8, 64, SELECTED),
+    "compressed-G16": ("nsa_dense_bwd_dkdv_ws_kernel", 16, 128, COMPRESSED),
+    "compressed-G4-D64": ("nsa_dense_bwd_dkdv_ws_kernel", 4, 64, COMPRESSED),
+    "window-G4": ("nsa_dense_bwd_dkdv_ws_kernel", 4, 128, WINDOW),
+    "window-G16": ("nsa_dense_bwd_dkdv_ws_kernel", 16, 128, WINDOW),
+}
+
+
+@pytest.mark.parametrize("name", list(WS_CASES))
+def test_warp_specialised_dkdv_compiles_without_spills(name, tmp_path):
+    """The Gluon kernels compile for sm_90 with their register split (setmaxnreg down to the
     loader's count, up to the consumers') and ptxas spills nothing."""
     from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
-    out = _compile_for_hopper([_warp_specialised_job(G, D, 4)], tmp_path, "--resources")
+    kernel, G, D, constexprs = WS_CASES[name]
+    out = _compile_for_hopper([_warp_specialised_job(kernel, G, D, 4, **constexprs)], tmp_path,
+                              "--resources")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     report = json.loads(out.stdout.splitlines()[-1])
     assert report["spill_bytes"] == 0, report

@@ -36,10 +36,11 @@ MERGE_DQ_WARPS = 8
 # Rows per program of the (untuned, memory-bound) rows kernel, 4 warps: on the H100 32 took
 # 1.74 ms instead of 64's 1.89 at 64/4 64k, 0.87 instead of 0.96 at 32/8 64k.
 ROWS_BLOCK = 32
-# slc_dkdv block_n asking for the warp-specialised Gluon kernel (`templates.nsa_bwd_ws`; not a
-# tuning candidate yet) and its register split: the consumers' loop compiles without spills at
-# 232 (tests/kernel_tests), the loader needs few.
-WARP_SPECIALISED, WS_CONSUMER_REGS, WS_LOADER_REGS = 2, 232, 32
+# A dK/dV config with num_warps = WS_WARPS asks for the warp-specialised Gluon kernel
+# (`templates.nsa_bwd_ws`: two consumer warpgroups and a loader's; not a tuning candidate yet),
+# whose register split gives the second consumer WS_CONSUMER_REGS (its loop compiles without
+# spills at 232, tests/kernel_tests) and the loader WS_LOADER_REGS.
+WS_WARPS, WS_CONSUMER_REGS, WS_LOADER_REGS = 12, 232, 32
 
 
 def query_splits(T: int, tiles: int, device: torch.device) -> int:
@@ -136,16 +137,31 @@ class _Backward:
             if splits > 1:
                 out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
                 out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
-            q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
-            nsa_dense_bwd_dkdv_kernel[(cdiv(n_keys, cfg.block_n), self.B * self.H,
-                                       splits)](
-                self.q, keys, values, self.do, q_tiles, do_tiles, rows, dk, dv, out_k, out_v,
-                *self._strides(keys, values), *out_k[0].stride() if splits > 1 else dk.stride(),
-                *out_v[0].stride() if splits > 1 else dv.stride(), self.T, n_keys, self.n_rows,
-                q_chunk, dk.numel(), self.params.scale, G_PAD=g_pad, BLOCK_T=block_t,
-                BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride, KEY_LAST=key_last, WINDOW=window,
-                ACCUMULATE=name == "window" and self.wrote_dkv, TMA=tma,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
+            args = (self.T, n_keys, self.n_rows, q_chunk, dk.numel(), self.params.scale)
+            out_strides = (*out_k[0].stride()[:3], *out_v[0].stride()[:3]) if splits > 1 else (
+                *dk.stride()[:3], *dv.stride()[:3])
+            grid = (cdiv(n_keys, cfg.block_n), self.B * self.H, splits)
+            accumulate = name == "window" and self.wrote_dkv
+            if cfg.num_warps == WS_WARPS:
+                self._check_ws(cfg, f"{self._kind(name, 'dkdv')}", keys=(keys, values))
+                from ...templates.nsa_bwd_ws import nsa_dense_bwd_dkdv_ws_kernel
+                nsa_dense_bwd_dkdv_ws_kernel[grid](
+                    self.q, keys, values, self.do, rows, dk, dv, out_k, out_v,
+                    *self._strides_ws(keys, values), *out_strides, *args, H=self.H, G=self.G,
+                    BLOCK_T=cfg.block_m // self.G, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
+                    KEY_LAST=key_last, WINDOW=window, D=self.q.shape[-1], ACCUMULATE=accumulate,
+                    STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
+                    LOADER_REGS=WS_LOADER_REGS, num_warps=4)
+            else:
+                q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
+                nsa_dense_bwd_dkdv_kernel[grid](
+                    self.q, keys, values, self.do, q_tiles, do_tiles, rows, dk, dv, out_k,
+                    out_v, *self._strides(keys, values),
+                    *out_k[0].stride() if splits > 1 else dk.stride(),
+                    *out_v[0].stride() if splits > 1 else dv.stride(), *args, G_PAD=g_pad,
+                    BLOCK_T=block_t, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
+                    KEY_LAST=key_last, WINDOW=window, ACCUMULATE=accumulate, TMA=tma,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
             if splits > 1:
                 dk.copy_(out_k.sum(0))
                 dv.copy_(out_v.sum(0))
@@ -213,7 +229,7 @@ class _Backward:
         dv_part = self.dv.new_empty(n_slots, p.select_block, self.dv.shape[-1])
         out_strides = (*self.dk.stride(), *self.dv.stride())
         grid = (cdiv(n_pos, chunk), self.B * self.H, n_blocks)
-        if cfg.block_n == WARP_SPECIALISED:
+        if cfg.num_warps == WS_WARPS:
             self._selected_dkdv_ws(cfg, grid, inv, slots, dk_part, dv_part, chunk, dq_part)
         else:
             # the halved dQ shares: fused only, and from Dk = 32 on (as `nsa_configs._fits`
@@ -236,51 +252,64 @@ class _Backward:
     def _selected_dkdv_ws(self, cfg: KernelConfig, grid, inv: Inverted, slots: Tensor,
                           dk_part: Tensor, dv_part: Tensor, chunk: int,
                           dq_part: Optional[Tensor]) -> None:
-        """selected_dkdv's kernel in its warp-specialised Gluon form (`templates.nsa_bwd_ws`),
-        which the config asks for with slc_dkdv block_n = WARP_SPECIALISED: block_m 32 rows
-        per tile, num_warps 4 (each consumer warpgroup), num_stages its ring of q/dO stages."""
-        reason = warp_specialised_limits(self.q, self.k, self.v, self.do, self.params, cfg,
-                                         dq_part is not None)
-        if reason:
-            raise ValueError(f"slc_dkdv config {cfg} asks for the warp-specialised selected "
-                             f"dK/dV kernel, which {reason}; use block_n 0 or 1")
-        from ...templates.nsa_bwd_ws import ROWS_PER_TILE, nsa_slc_bwd_dkdv_ws_kernel
-        q, k, v, do = self.q, self.k, self.v, self.do
+        """selected_dkdv's kernel in its warp-specialised Gluon form (`templates.nsa_bwd_ws`;
+        unfused dQ only)."""
+        self._check_ws(cfg, "slc_dkdv", fused_dq=dq_part is not None)
+        from ...templates.nsa_bwd_ws import nsa_slc_bwd_dkdv_ws_kernel
         nsa_slc_bwd_dkdv_ws_kernel[grid](
-            q, k, v, do, self._branch("selected"), inv.queries, inv.starts, slots, self.dk,
-            self.dv, dk_part, dv_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *self.dk.stride()[:3], *self.dv.stride()[:3], self.T,
-            grid[2], self.n_rows, chunk, self.params.scale, H=self.H, G=self.G,
-            BLOCK_T=ROWS_PER_TILE // self.G, LP=self.params.select_block, D=q.shape[-1],
-            ACCUMULATE=self.wrote_dkv, STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
-            LOADER_REGS=WS_LOADER_REGS, num_warps=4)
+            self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
+            slots, self.dk, self.dv, dk_part, dv_part, *self._strides_ws(self.k, self.v),
+            *self.dk.stride()[:3], *self.dv.stride()[:3], self.T, grid[2], self.n_rows, chunk,
+            self.params.scale, H=self.H, G=self.G, BLOCK_T=cfg.block_m // self.G,
+            LP=self.params.select_block, D=self.q.shape[-1], ACCUMULATE=self.wrote_dkv,
+            STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS, LOADER_REGS=WS_LOADER_REGS,
+            num_warps=4)
+
+    def _strides_ws(self, keys: Tensor, values: Tensor):
+        """The Gluon kernels' strides: of the first three dimensions (the last is 1)."""
+        return tuple(st for x in (self.q, keys, values, self.do) for st in x.stride()[:3])
+
+    def _check_ws(self, cfg: KernelConfig, kind: str, keys: Optional[Tuple[Tensor, Tensor]] = None,
+                  fused_dq: bool = False) -> None:
+        keys = keys or (self.k, self.v)
+        reason = warp_specialised_limits(self.q, *keys, self.do, cfg, kind, fused_dq,
+                                         self.params.select_block)
+        if reason:
+            raise ValueError(f"{kind} config {cfg} asks for the warp-specialised dK/dV kernel "
+                             f"(num_warps {WS_WARPS}), which {reason}; use a Triton config "
+                             f"(num_warps 4 or 8)")
 
 
-def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, params: NSAParams,
-                            cfg: KernelConfig, fused_dq: bool) -> Optional[str]:
-    """None when `templates.nsa_bwd_ws` handles these inputs with config cfg, else what it
-    lacks (words to follow "the kernel"): a Hopper GPU, unfused dQ, Dk == Dv in {64, 128},
-    16-bit inputs, a power-of-two group of at most 32, 64-key selection blocks, row strides of
-    16-element multiples, its fixed tile and warps, and enough stages to hold the second
-    consumer's sums."""
-    from ...templates.nsa_bwd_ws import ROWS_PER_TILE
+def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: KernelConfig,
+                            kind: str, fused_dq: bool = False,
+                            select_block: int = 64) -> Optional[str]:
+    """None when `templates.nsa_bwd_ws` handles kind's ("slc_dkdv", "cmp_dkdv", "win_dkdv")
+    dK/dV for these inputs and config cfg, else what it lacks (words to follow "the
+    kernel"): a Hopper GPU, Dk == Dv in {64, 128}, 16-bit inputs, a power-of-two group of at
+    most its tile's rows, row strides of 16-element multiples, its tile shape, enough stages to
+    hold the second consumer's sums; for the selected branch also unfused dQ and 64-key
+    selection blocks."""
+    from ...templates.nsa_bwd_ws import KEYS_PER_TILE, ROWS_PER_TILE
     G = q.shape[1] // k.shape[1]
-    strides = [s for x in (q, k, v, do) for s in x.stride()[:3]]
+    strides = [st for x in (q, k, v, do) for st in x.stride()[:3]]
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return "runs on Hopper (sm_90) GPUs only"
+    keys = select_block if kind == "slc_dkdv" else cfg.block_n
     checks = [
         (fused_dq, "does not fuse the selected dQ (use slc_dq block_n 0)"),
+        (kind == "slc_dkdv" and select_block != KEYS_PER_TILE,
+         f"needs select_block {KEYS_PER_TILE} (one wgmma tile of keys)"),
         (q.shape[-1] != v.shape[-1] or q.shape[-1] not in (64, 128), "needs Dk == Dv in {64, 128}"),
         (q.element_size() != 2, "needs 16-bit inputs"),
         (G & (G - 1) or G > ROWS_PER_TILE, f"needs a power-of-two GQA group <= {ROWS_PER_TILE}"),
-        (params.select_block != 64, "needs select_block 64 (one wgmma tile of keys)"),
-        (any(s % 16 for s in strides) or any(x.stride(-1) != 1 or x.data_ptr() % 16
-                                             for x in (q, k, v, do)),
+        (any(st % 16 for st in strides) or any(x.stride(-1) != 1 or x.data_ptr() % 16
+                                               for x in (q, k, v, do)),
          "needs contiguous rows at 16-element multiples (cp.async of 16 bytes)"),
-        ((cfg.block_m, cfg.num_warps) != (ROWS_PER_TILE, 4),
-         f"takes block_m {ROWS_PER_TILE} and num_warps 4"),
-        (cfg.num_stages * ROWS_PER_TILE < 2 * params.select_block,
-         f"needs num_stages >= {2 * params.select_block // ROWS_PER_TILE}"),
+        (cfg.block_m != ROWS_PER_TILE or keys != KEYS_PER_TILE,
+         f"takes block_m {ROWS_PER_TILE}" + ("" if kind == "slc_dkdv" else
+                                             f" and block_n {KEYS_PER_TILE}")),
+        (cfg.num_stages * ROWS_PER_TILE < 2 * KEYS_PER_TILE,
+         f"needs num_stages >= {2 * KEYS_PER_TILE // ROWS_PER_TILE}"),
     ]
     return next((why for bad, why in checks if bad), None)
 
