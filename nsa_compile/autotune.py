@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,40 +40,75 @@ SHIPPED = TEMPLATES / "tuned"
 MIN_BUCKET, MAX_BUCKET = 1024, 1 << 17
 
 
+class _Template(NamedTuple):
+    """What a kind's hash reads of one template module: its top-level functions (source with
+    decorators, names they use), the template modules it imports names from, and the source
+    of its other top-level statements (constants such as LOG2E; not the docstring)."""
+
+    functions: Dict[str, Tuple[str, FrozenSet[str]]]
+    imports: Dict[str, str]
+    rest: str
+
+
 @functools.lru_cache(maxsize=None)
-def _functions(module: str) -> Dict[str, Tuple[str, FrozenSet[str]]]:
-    """(source with decorators, names it uses) of each top-level function of a template."""
+def _template(module: str) -> _Template:
     text = (TEMPLATES / f"{module}.py").read_text()
     lines = text.splitlines()
-    out = {}
+    functions, imports, rest = {}, {}, []
     for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef):
             first = min([d.lineno for d in node.decorator_list] + [node.lineno])
             names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
-            out[node.name] = ("\n".join(lines[first - 1:node.end_lineno]), names)
-    return out
+            functions[node.name] = ("\n".join(lines[first - 1:node.end_lineno]), names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            imports.update((alias.asname or alias.name, node.module) for alias in node.names)
+        elif not isinstance(node, (ast.Import, ast.ImportFrom)) and not _is_docstring(node):
+            rest.append("\n".join(lines[node.lineno - 1:node.end_lineno]))
+    return _Template(functions, imports, "\n".join(rest))
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str))
+
+
+# The shapes whose pruned candidate lists stand for a kind's pruning rules in its hash.
+RULE_GROUPS, RULE_DIMS, RULE_ELEMS = (1, 2, 4, 8, 16), (16, 48, 64, 96, 128, 192, 256), (2, 4)
+
+
+def _rules(kind: str) -> str:
+    """What the pruning rules decide for a kind: its candidate lists over a grid of GQA
+    groups, head dims (powers of two and not) and input sizes. A rule edit that leaves the
+    kind's candidates alone keeps its entries; one that changes only shapes off the grid
+    goes unseen."""
+    return repr([nsa_configs.candidates(kind, g, dk, dv, elem) for g in RULE_GROUPS
+                 for dk in RULE_DIMS for dv in RULE_DIMS for elem in RULE_ELEMS])
 
 
 @functools.lru_cache(maxsize=None)
 def source_hash(kind: str) -> str:
-    """Hash of what a kind's tuned block sizes depend on: its kernels (`KERNELS`), the helpers
-    of their template module that they call (directly or through each other), nsa_common,
-    the kind's config space and the pruning rules. A change makes that kind's entries stale,
-    and only those."""
+    """Hash of what a kind's tuned block sizes depend on: its kernels (`KERNELS`), the template
+    functions they call (directly or through each other, across the template modules they
+    import from, nsa_common's included), those modules' other top-level statements, the
+    kind's config space and its pruned candidates (`_rules`). A change makes that kind's
+    entries stale, and only those."""
     module, kernels = KERNELS[kind]
-    funcs = _functions(module)
-    used, todo = set(kernels), list(kernels)
+    used, todo = {(module, k) for k in kernels}, [(module, k) for k in kernels]
     while todo:
-        for name in funcs[todo.pop()][1]:
-            if name in funcs and name not in used:
-                used.add(name)
-                todo.append(name)
-    h = hashlib.sha256((TEMPLATES / "nsa_common.py").read_bytes())
-    for name, (src, _) in sorted(funcs.items()):
-        if name in used:
-            h.update(src.encode())
+        mod, name = todo.pop()
+        template = _template(mod)
+        for ref in template.functions[name][1]:
+            where = mod if ref in template.functions else template.imports.get(ref)
+            if where and ref in _template(where).functions and (where, ref) not in used:
+                used.add((where, ref))
+                todo.append((where, ref))
+    h = hashlib.sha256()
+    for mod in sorted({mod for mod, _ in used}):
+        h.update(_template(mod).rest.encode())
+    for mod, name in sorted(used):
+        h.update(_template(mod).functions[name][0].encode())
     h.update(repr(sorted(nsa_configs.SPACES[kind].items())).encode())
-    h.update(inspect.getsource(nsa_configs._fits).encode())
+    h.update(_rules(kind).encode())
     return h.hexdigest()[:16]
 
 

@@ -49,8 +49,8 @@ SPACES = {
 }
 
 # The kernels whose block sizes each kind picks: (template module, kernel names). An autotune
-# entry stays valid while these kernels, the module helpers they call, nsa_common and the kind's
-# config space are unchanged (`autotune.source_hash`).
+# entry stays valid while these kernels, the template helpers they call, the kind's config
+# space and its pruned candidates are unchanged (`autotune.source_hash`).
 KERNELS = {
     "cmp": ("nsa_fwd", ("nsa_cmp_fwd_kernel",)),
     "sel": ("nsa_fwd", ("nsa_select_kernel",)),

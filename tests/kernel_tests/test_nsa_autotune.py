@@ -8,6 +8,7 @@ import torch
 
 from nsa_compile import NSAConfig, autotune
 from nsa_compile.kernels.nsa.params import NSAParams
+from nsa_compile.templates import nsa_configs
 from nsa_compile.templates.nsa_configs import DEFAULTS, KernelConfig, candidates
 
 DEVICE = "NVIDIA Test GPU 80GB"
@@ -98,12 +99,12 @@ def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
             assert edit[1] in text
             path.write_text(text.replace(edit[1], edit[2] + edit[1], 1))
         monkeypatch.setattr(autotune, "TEMPLATES", root)
-        autotune._functions.cache_clear()
+        autotune._template.cache_clear()
         autotune.source_hash.cache_clear()
         try:
             return {kind: autotune.source_hash(kind) for kind in autotune.KERNELS}
         finally:
-            autotune._functions.cache_clear()
+            autotune._template.cache_clear()
             autotune.source_hash.cache_clear()
 
     base = hashes()
@@ -111,10 +112,19 @@ def test_source_hash_follows_only_the_kinds_own_kernels(tmp_path, monkeypatch):
     helper = hashes(("nsa_bwd.py", "def _row_stats(", "# edited\n"))
     unused = hashes(("nsa_bwd.py", "@triton.jit\ndef _probs_and_dscores(",
                      "@triton.jit\ndef _unused(x):\n    return x\n\n\n"))
+    common = hashes(("nsa_common.py", "def online_softmax_step(", "# edited\n"))
+    # a pruning rule that only the selected dK/dV's candidates feel (none at 8 warps)
+    fits = nsa_configs._fits
+    monkeypatch.setattr(nsa_configs, "_fits", lambda kind, cfg, *shape: fits(
+        kind, cfg, *shape) and not (kind == "slc_dkdv" and cfg.num_warps == 8))
+    rule = hashes()
     # slc_dq may fuse dQ into the dK/dV kernel, so it follows that kernel too
     assert {k for k in base if kernel[k] != base[k]} == {"slc_dkdv", "slc_dq"}
     assert {k for k in base if helper[k] != base[k]} == {k for k in base if "_d" in k}
     assert unused == base
+    # the forward's online softmax: the kinds whose kernels call it, not the backward's
+    assert {k for k in base if common[k] != base[k]} == {"cmp", "slc", "win"}
+    assert {k for k in base if rule[k] != base[k]} == {"slc_dkdv"}
 
 
 def test_no_tuning_while_compiling_or_disabled(cache_dir, monkeypatch):
@@ -198,6 +208,10 @@ def test_shipped_caches_are_current_format_and_in_their_spaces():
         cap = head["capability"]  # a GPU of this capability with no file borrows this one
         assert len(cap) == 2 and all(isinstance(x, int) for x in cap)
         assert set(head["source_hash"]) == set(autotune.KERNELS)
+        stale = {k for k, h in autotune.source_hashes().items() if head["source_hash"][k] != h}
+        assert not stale, (f"{path.name}: the entries of {sorted(stale)} are stale (their "
+                           "kernels or rules changed): re-tune them on that GPU and merge "
+                           "(`autotune.merge_into_shipped`)")
         assert path.name == autotune.device_slug(head["device"]) + ".json"
         for key, cfg in data["entries"].items():
             kind, dtype, dk, dv, g, _, _ = key.split("|")
