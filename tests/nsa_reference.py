@@ -26,9 +26,11 @@ GPU_ORDERS = dict(positions=dict(slc=KernelConfig(16, 0, 4, 2), slc_dq=KernelCon
 # the fused dQ shares formed in two halves of Dk
 GPU_ORDERS["halves"] = {**GPU_ORDERS["blocks"], "slc_dkdv": KernelConfig(32, 1, 4, 1)}
 # the warp-specialised Gluon dK/dV kernels (num_warps 12, Hopper only; `templates.nsa_bwd_ws`),
-# the selected dQ per position
-GPU_ORDERS["ws"] = {**GPU_ORDERS["positions"], "slc_dkdv": KernelConfig(32, 0, 12, 4),
-                    "cmp_dkdv": KernelConfig(32, 64, 12, 4), "win_dkdv": KernelConfig(32, 64, 12, 4)}
+# the selected dQ per position, or fused into the selected dK/dV as shares
+WS_DKDV = dict(slc_dkdv=KernelConfig(32, 0, 12, 4), cmp_dkdv=KernelConfig(32, 64, 12, 4),
+               win_dkdv=KernelConfig(32, 64, 12, 4))
+GPU_ORDERS["ws"] = {**GPU_ORDERS["positions"], **WS_DKDV}
+GPU_ORDERS["ws-fused"] = {**GPU_ORDERS["blocks"], **WS_DKDV}
 SMALL_NSA = dict(compress_block=16, compress_stride=8, select_block=16, select_count=4,
                  window=24)
 

@@ -83,15 +83,19 @@ def _load_tiles(Q, DO, ROWS, QUERIES, q_bufs, do_bufs, st_bufs, ready, empty, b,
 
 
 @gluon.jit
-def _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, k0, base, n_tiles,
-                   bound, qk_scale, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
-                   D: gl.constexpr, STAGES: gl.constexpr, KEY_STRIDE: gl.constexpr,
-                   KEY_LAST: gl.constexpr, WINDOW: gl.constexpr, LISTED: gl.constexpr,
+def _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty, k0, base,
+                   n_tiles, bound, qk_scale, scale, PAIRS, DQ_PART, G: gl.constexpr,
+                   BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, D: gl.constexpr,
+                   STAGES: gl.constexpr, KEY_STRIDE: gl.constexpr, KEY_LAST: gl.constexpr,
+                   WINDOW: gl.constexpr, LISTED: gl.constexpr, FUSE_DQ: gl.constexpr,
                    WHO: gl.constexpr):
     """Consumer WHO (0 or 1): the key tile's fp32 (dK / scale, dV) over tiles i ≡ WHO
     (mod 2), in the (BLOCK_K, D) wgmma accumulator layout. Key c (from k0) sits at position
     c·KEY_STRIDE + KEY_LAST and is seen by the positions t >= it (and t < it + WINDOW when
-    WINDOW > 0). A row is live while its list entry (LISTED) or position is below `bound`."""
+    WINDOW > 0). A row is live while its list entry (LISTED) or position is below `bound`.
+    With FUSE_DQ (listed rows) each row's share of dQ, scale · dS·K, goes to row PAIRS[entry]
+    of DQ_PART (pairs, G, D) as `nsa_bwd.nsa_slc_bwd_dkdv_kernel` writes it: formed as
+    dQ^T = K^T·dS^T (wgmma needs 64 rows, the tile has 32), dS^T through ds_smem[WHO]."""
     M: gl.constexpr = BLOCK_T * G
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, M, 16])
@@ -101,9 +105,16 @@ def _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, k0, b
     col: gl.constexpr = gl.SliceLayout(0, s_layout)
     pos = (k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, s_layout))) * KEY_STRIDE + KEY_LAST
     place = gl.arange(0, M, layout=col) // G
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, M, 16])
+    # dQ^T stored 8 consecutive d per thread (16-byte stores)
+    dq_out: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 32 // (D // 8)], [1, 4], [0, 1])
+    dq_d = gl.arange(0, D, layout=gl.SliceLayout(1, dq_out))
+    dq_r = gl.arange(0, M, layout=gl.SliceLayout(0, dq_out))
     dk = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
     zero = gl.zeros([BLOCK_K, M], gl.float32, s_layout)
+    zero_dq = gl.zeros([D, M], gl.float32, dq_layout)
     for i in range(WHO, n_tiles, 2):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -128,26 +139,43 @@ def _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, k0, b
         delta = st_bufs.index(s * 4 + 1).load(col)
         dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dp_t,))
         ds = p * (dp_t - delta[None, :])
+        ds_in = ds.to(q_s.dtype)
+        if FUSE_DQ:
+            ds_smem.index(WHO).store(ds_in)
+            fence_async_shared()
         dv = warpgroup_mma(gl.convert_layout(p.to(q_s.dtype), operand), do_s, dv,
                            is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(ds.to(q_s.dtype), operand), q_s, dk,
-                           is_async=True)
-        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-        mbarrier.arrive(empty.index(s), count=1)
+        dk = warpgroup_mma(gl.convert_layout(ds_in, operand), q_s, dk, is_async=True)
+        if FUSE_DQ:
+            dq_t = warpgroup_mma(k_smem.permute((1, 0)), ds_smem.index(WHO), zero_dq,
+                                 use_acc=False, is_async=True)
+            entry = base + i * BLOCK_T + dq_r // G
+            pair = gl.load(PAIRS + gl.minimum(entry, bound - 1))
+            dk, dv, dq_t = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq_t))
+            mbarrier.arrive(empty.index(s), count=1)
+            off = (pair * G + dq_r % G) * D
+            gl.store(DQ_PART + off[None, :] + dq_d[:, None],
+                     gl.convert_layout((dq_t * scale).to(DQ_PART.dtype.element_ty), dq_out),
+                     mask=(entry < bound)[None, :] & (dq_d < D)[:, None])
+        else:
+            dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+            mbarrier.arrive(empty.index(s), count=1)
     return dk, dv
 
 
 @gluon.jit
-def _first_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, done, sums, k0,
-                    base, n_tiles, bound, qk_scale, G: gl.constexpr, BLOCK_T: gl.constexpr,
-                    BLOCK_K: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                    KEY_STRIDE: gl.constexpr, KEY_LAST: gl.constexpr, WINDOW: gl.constexpr,
-                    LISTED: gl.constexpr):
+def _first_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty, done,
+                    sums, k0, base, n_tiles, bound, qk_scale, scale, PAIRS, DQ_PART,
+                    G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
+                    D: gl.constexpr, STAGES: gl.constexpr, KEY_STRIDE: gl.constexpr,
+                    KEY_LAST: gl.constexpr, WINDOW: gl.constexpr, LISTED: gl.constexpr,
+                    FUSE_DQ: gl.constexpr):
     """The default partition: the key tile's whole sums, its own plus the second consumer's,
     which that one leaves in the stage buffers once this one is done reading them."""
-    dk, dv = _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, k0, base,
-                            n_tiles, bound, qk_scale, G, BLOCK_T, BLOCK_K, D, STAGES,
-                            KEY_STRIDE, KEY_LAST, WINDOW, LISTED, 0)
+    dk, dv = _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty, k0,
+                            base, n_tiles, bound, qk_scale, scale, PAIRS, DQ_PART, G, BLOCK_T,
+                            BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST, WINDOW, LISTED, FUSE_DQ,
+                            0)
     mbarrier.arrive(done, count=1)
     mbarrier.wait(sums, 0)
     dk += _sums_view(q_bufs, BLOCK_K, D).load(dk.type.layout)
@@ -156,15 +184,17 @@ def _first_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, done
 
 
 @gluon.jit
-def _second_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, done, sums, k0,
-                     base, n_tiles, bound, qk_scale, G: gl.constexpr, BLOCK_T: gl.constexpr,
-                     BLOCK_K: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                     KEY_STRIDE: gl.constexpr, KEY_LAST: gl.constexpr, WINDOW: gl.constexpr,
-                     LISTED: gl.constexpr):
+def _second_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty, done,
+                     sums, k0, base, n_tiles, bound, qk_scale, scale, PAIRS, DQ_PART,
+                     G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
+                     D: gl.constexpr, STAGES: gl.constexpr, KEY_STRIDE: gl.constexpr,
+                     KEY_LAST: gl.constexpr, WINDOW: gl.constexpr, LISTED: gl.constexpr,
+                     FUSE_DQ: gl.constexpr):
     """A worker partition (it cannot return values): its sums into the stage buffers."""
-    dk, dv = _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, k0, base,
-                            n_tiles, bound, qk_scale, G, BLOCK_T, BLOCK_K, D, STAGES,
-                            KEY_STRIDE, KEY_LAST, WINDOW, LISTED, 1)
+    dk, dv = _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty, k0,
+                            base, n_tiles, bound, qk_scale, scale, PAIRS, DQ_PART, G, BLOCK_T,
+                            BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST, WINDOW, LISTED, FUSE_DQ,
+                            1)
     mbarrier.wait(done, 0)
     _sums_view(q_bufs, BLOCK_K, D).store(dk)
     _sums_view(do_bufs, BLOCK_K, D).store(dv)
@@ -178,15 +208,16 @@ def _sums_view(bufs, BLOCK_K: gl.constexpr, D: gl.constexpr):
 
 
 @gluon.jit
-def _walk(Q, K, V, DO, ROWS, QUERIES, b, h, k0, n_keys, base, n_tiles, bound, last, T, n_rows,
-          scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-          H: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
-          D: gl.constexpr, STAGES: gl.constexpr, KEY_STRIDE: gl.constexpr,
-          KEY_LAST: gl.constexpr, WINDOW: gl.constexpr, LISTED: gl.constexpr,
-          CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+def _walk(Q, K, V, DO, ROWS, QUERIES, PAIRS, DQ_PART, b, h, k0, n_keys, base, n_tiles, bound,
+          last, T, n_rows, scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b,
+          so_h, so_t, H: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr,
+          BLOCK_K: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+          KEY_STRIDE: gl.constexpr, KEY_LAST: gl.constexpr, WINDOW: gl.constexpr,
+          LISTED: gl.constexpr, FUSE_DQ: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+          LOADER_REGS: gl.constexpr):
     """The warp-specialised walk over n_tiles query tiles for keys k0 … k0 + BLOCK_K - 1 of
     (b, KV head h) (zero past n_keys): -> the fp32 (dK / scale, dV) sums in the wgmma
-    accumulator layout."""
+    accumulator layout (and with FUSE_DQ the rows' dQ shares in DQ_PART, `_consume_tiles`)."""
     M: gl.constexpr = BLOCK_T * G
     gl.static_assert(STAGES * M >= 2 * BLOCK_K, "the stage buffers hold the second consumer's sums")
     tiles: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
@@ -206,6 +237,9 @@ def _walk(Q, K, V, DO, ROWS, QUERIES, b, h, k0, n_keys, base, n_tiles, bound, la
     # per stage: lse2, D_c, gate (fp32) and, for listed rows, the positions (int32)
     st_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 4, M],
                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # each consumer's dS^T, the right operand of its dQ^T = K^T·dS^T (FUSE_DQ)
+    ds_smem = gl.allocate_shared_memory(k.dtype, [2, BLOCK_K, M], gl.NVMMASharedLayout(
+        swizzle_byte_width=min(M * 2, 128), element_bitwidth=16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # the first consumer is done with the stages; the second's sums are in them
@@ -219,12 +253,14 @@ def _walk(Q, K, V, DO, ROWS, QUERIES, b, h, k0, n_keys, base, n_tiles, bound, la
     fence_async_shared()
     qk_scale = scale * LOG2E
     return gl.warp_specialize(
-        [(_first_consumer, (k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, done, sums,
-                            k0, base, n_tiles, bound, qk_scale, G, BLOCK_T, BLOCK_K, D, STAGES,
-                            KEY_STRIDE, KEY_LAST, WINDOW, LISTED)),
-         (_second_consumer, (k_smem, v_smem, q_bufs, do_bufs, st_bufs, ready, empty, done, sums,
-                             k0, base, n_tiles, bound, qk_scale, G, BLOCK_T, BLOCK_K, D, STAGES,
-                             KEY_STRIDE, KEY_LAST, WINDOW, LISTED)),
+        [(_first_consumer, (k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty,
+                            done, sums, k0, base, n_tiles, bound, qk_scale, scale, PAIRS,
+                            DQ_PART, G, BLOCK_T, BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST,
+                            WINDOW, LISTED, FUSE_DQ)),
+         (_second_consumer, (k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, empty,
+                             done, sums, k0, base, n_tiles, bound, qk_scale, scale, PAIRS,
+                             DQ_PART, G, BLOCK_T, BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST,
+                             WINDOW, LISTED, FUSE_DQ)),
          (_load_tiles, (Q, DO, ROWS, QUERIES, q_bufs, do_bufs, st_bufs, ready, empty, b, h, base,
                         n_tiles, last, T, n_rows, sq_b, sq_h, sq_t, so_b, so_h, so_t, H, G,
                         BLOCK_T, D, STAGES, LISTED))],
@@ -245,18 +281,20 @@ def _store_block(OUT, SUM, x, row0, rows, ok, s_row, D: gl.constexpr, ACCUMULATE
 
 @gluon.jit
 def nsa_slc_bwd_dkdv_ws_kernel(
-        Q, K, V, DO, ROWS, QUERIES, STARTS, SLOTS, DK_OUT, DV_OUT, DK_PART, DV_PART,
+        Q, K, V, DO, ROWS, QUERIES, STARTS, PAIRS, SLOTS, DK_OUT, DV_OUT, DK_PART, DV_PART,
+        DQ_PART,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
         sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
         T, n_blocks, n_rows, q_chunk, scale,
         H: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, LP: gl.constexpr,
-        D: gl.constexpr, ACCUMULATE: gl.constexpr, STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-    """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), as
-    `nsa_bwd.nsa_slc_bwd_dkdv_kernel` (FUSE_DQ off) computes and stores them: chunk 0 into
-    DK_OUT/DV_OUT (fp32 sums, added to with ACCUMULATE), chunk s >= 1 into partial slot
-    SLOTS[g] + s - 1 of DK_PART/DV_PART ((slots, LP, D) fp32). Strides are of the first three
-    dimensions (the last is 1)."""
+        D: gl.constexpr, ACCUMULATE: gl.constexpr, FUSE_DQ: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """dK, dV of the selected branch for one (chunk s, batch, KV head, selection block j), and
+    with FUSE_DQ each (query, slot) pair's share of dQ, as `nsa_bwd.nsa_slc_bwd_dkdv_kernel`
+    (whole-width shares) computes and stores them: chunk 0 into DK_OUT/DV_OUT (fp32 sums,
+    added to with ACCUMULATE), chunk s >= 1 into partial slot SLOTS[g] + s - 1 of
+    DK_PART/DV_PART ((slots, LP, D) fp32); the shares at row PAIRS[e] of DQ_PART (pairs, G, D;
+    the inputs' dtype). Strides are of the first three dimensions (the last is 1)."""
     s_id = gl.program_id(0)
     pid_bh = gl.program_id(1)
     j = gl.program_id(2)
@@ -270,10 +308,10 @@ def nsa_slc_bwd_dkdv_ws_kernel(
         needed = needed | (s_id == 0)  # chunk 0 writes every block, zeros where none chose it
     if needed:
         n_tiles = gl.cdiv(end - start, BLOCK_T).to(gl.int32)
-        dk, dv = _walk(Q, K, V, DO, ROWS, QUERIES, b, h, j * LP, T, start, n_tiles, end,
-                       end - 1, T, n_rows, scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b,
-                       sv_h, sv_t, so_b, so_h, so_t, H, G, BLOCK_T, LP, D, STAGES, 1, 0, 0,
-                       True, CONSUMER_REGS, LOADER_REGS)
+        dk, dv = _walk(Q, K, V, DO, ROWS, QUERIES, PAIRS, DQ_PART, b, h, j * LP, T, start,
+                       n_tiles, end, end - 1, T, n_rows, scale, sq_b, sq_h, sq_t, sk_b, sk_h,
+                       sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t, H, G, BLOCK_T, LP, D, STAGES,
+                       1, 0, 0, True, FUSE_DQ, CONSUMER_REGS, LOADER_REGS)
         rows = gl.arange(0, LP, layout=gl.SliceLayout(1, dk.type.layout))
         ok = (j * LP + rows) < T
         if s_id == 0:
@@ -315,10 +353,10 @@ def nsa_dense_bwd_dkdv_ws_kernel(
     if WINDOW > 0:
         hi = gl.minimum(hi, first + (BLOCK_K - 1) * KEY_STRIDE + WINDOW)
     n_tiles = gl.maximum(gl.cdiv(hi - lo, BLOCK_T), 0)
-    dk, dv = _walk(Q, K, V, DO, ROWS, Q, b, h, k0, n_keys, lo, n_tiles, T, T - 1, T, n_rows,
-                   scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                   H, G, BLOCK_T, BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST, WINDOW, False,
-                   CONSUMER_REGS, LOADER_REGS)
+    dk, dv = _walk(Q, K, V, DO, ROWS, Q, Q, Q, b, h, k0, n_keys, lo, n_tiles, T, T - 1, T,
+                   n_rows, scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b,
+                   so_h, so_t, H, G, BLOCK_T, BLOCK_K, D, STAGES, KEY_STRIDE, KEY_LAST, WINDOW,
+                   False, False, CONSUMER_REGS, LOADER_REGS)
     rows = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, dk.type.layout))
     ok = rows < n_keys
     row0 = b.to(gl.int64) * sdk_b + h.to(gl.int64) * sdk_h

@@ -30,19 +30,33 @@ def compile_job(job: dict):
 
 
 def resources(job: dict) -> dict:
-    """What ptxas reports for one job's sm_90 compile: registers, spill bytes (stores +
-    loads) and the PTX's register reallocations (setmaxnreg counts, warp-specialised kernels).
-    Compiles afresh: ptxas reports only when it runs."""
+    """What ptxas makes of one job's sm_90 compile: registers, spill bytes (stores + loads),
+    the PTX's register reallocations (setmaxnreg counts, warp-specialised kernels) and the
+    SASS innermost loops as `kernel_resources.innermost_loops` counts them. Compiles afresh:
+    ptxas reports only when it runs."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from kernel_resources import innermost_loops
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = compile_job(job)
     regs = re.search(r"Used (\d+) registers", log.getvalue())
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
     return dict(kernel=job["kernel"], registers=int(regs.group(1)),
                 spill_bytes=sum(map(int, spills.groups())),
                 setmaxnreg=sorted({int(n) for n in re.findall(
-                    r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])}))
+                    r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])}),
+                loops=innermost_loops(sass))
 
 
 def main(path: str, report: bool = False) -> int:

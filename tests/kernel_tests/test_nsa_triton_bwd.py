@@ -248,18 +248,18 @@ def test_warp_specialised_limits_name_each_unmet_need(monkeypatch):
     ws, dense = KernelConfig(32, 0, 12, 4), KernelConfig(32, 64, 12, 4)
 
     def limits(HQ=16, H=1, D=128, DV=128, dtype=torch.bfloat16, cfg=ws, kind="slc_dkdv",
-               fused=False, select_block=64):
+               select_block=64):
         q = torch.empty(1, HQ, 64, D, dtype=dtype, device="meta")
         k = torch.empty(1, H, 64, D, dtype=dtype, device="meta")
         v = torch.empty(1, H, 64, DV, dtype=dtype, device="meta")
         with monkeypatch.context() as m:  # meta tensors standing in for CUDA ones
             m.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
             m.setattr(torch.Tensor, "data_ptr", lambda self: 0)
-            return triton_bwd.warp_specialised_limits(q, k, v, q, cfg, kind, fused, select_block)
+            return triton_bwd.warp_specialised_limits(q, k, v, q, cfg, kind, select_block)
 
     assert limits() is None
     assert limits(cfg=dense, kind="cmp_dkdv", select_block=16) is None
-    assert "fuse" in limits(fused=True)
+    assert "whole-width" in limits(cfg=KernelConfig(32, 1, 12, 4))
     assert "select_block 64" in limits(select_block=32)
     assert "Dk == Dv" in limits(DV=64)
     assert "Dk == Dv" in limits(D=256, DV=256)

