@@ -322,19 +322,19 @@ def nsa_slc_bwd_dkdv_kernel(
             lse2, delta, g = _row_stats(ROWS, n_rows, b, h, hq, tok, ok, T, H, G)
             visible = (pos[None, :] <= tok[:, None]) & ok[:, None]
             p, ds = _probs_and_dscores(q, do, k, v, visible, lse2, delta, g, qk_scale)
+            ds_in = ds.to(q.dtype)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds_in), q)
             if FUSE_DQ:
                 pair = tl.load(PAIRS + e, mask=e < end, other=0)
                 if DQ_HALVES:
-                    ds_in = ds.to(k.dtype)
                     store_rows(DQ_PART, tl.dot(ds_in, k_lo) * scale, b, gh, pair, ok, 0, DK,
                                G * DK, 1, HALF, HALF, False)
                     store_rows(DQ_PART + HALF, tl.dot(ds_in, k_hi) * scale, b, gh, pair, ok, 0,
                                DK, G * DK, 1, DK - HALF, HALF, False)
                 else:
-                    store_rows(DQ_PART, tl.dot(ds.to(k.dtype), k) * scale, b, gh, pair, ok, 0,
-                               DK, G * DK, 1, DK, DK_PAD, False)
+                    store_rows(DQ_PART, tl.dot(ds_in, k) * scale, b, gh, pair, ok, 0, DK,
+                               G * DK, 1, DK, DK_PAD, False)
         if s == 0:
             store_rows(DK_OUT, dk * scale, b, h, pos, live, sdk_b, sdk_h, sdk_t, sdk_d, DK,
                        DK_PAD, ACCUMULATE)
