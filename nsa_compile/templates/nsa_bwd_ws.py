@@ -34,10 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 LOG2E = gl.constexpr(1.4426950408889634)
 ROWS_PER_TILE = 32
 KEYS_PER_TILE = 64  # one wgmma tile of keys (M = 64 rows per consumer warpgroup)
-# setmaxnreg works on whole warpgroups: a loader of fewer warps would still take four
+# setmaxnreg works on whole warpgroups: a loader of fewer warps would still take four. With the
+# two consumer warpgroups a launch runs 12 warps (`triton_bwd.WS_WARPS`).
 LOADER_WARPS = gl.constexpr(4)
-# the launch's warps: two consumer warpgroups and the loader's (what num_warps 12 asks for)
-WARPS = 12
 
 
 @gluon.jit

@@ -30,10 +30,11 @@ def compile_job(job: dict):
 
 
 def resources(job: dict) -> dict:
-    """What ptxas makes of one job's sm_90 compile: registers, spill bytes (stores + loads),
-    the PTX's register reallocations (setmaxnreg counts, warp-specialised kernels) and the
-    SASS innermost loops as `kernel_resources.innermost_loops` counts them. Compiles afresh:
-    ptxas reports only when it runs."""
+    """What ptxas makes of one job's sm_90 compile: the warps it launches with, registers,
+    spill bytes (stores + loads), the PTX's register reallocations (setmaxnreg counts,
+    warp-specialised kernels) and the SASS innermost loops as
+    `kernel_resources.innermost_loops` counts them. Compiles afresh: ptxas reports only when
+    it runs."""
     import subprocess
     import tempfile
     from pathlib import Path
@@ -52,7 +53,8 @@ def resources(job: dict) -> dict:
         f.flush()
         sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return dict(kernel=job["kernel"], registers=int(regs.group(1)),
+    return dict(kernel=job["kernel"], num_warps=compiled.metadata.num_warps,
+                registers=int(regs.group(1)),
                 spill_bytes=sum(map(int, spills.groups())),
                 setmaxnreg=sorted({int(n) for n in re.findall(
                     r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])}),

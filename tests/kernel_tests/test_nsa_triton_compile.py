@@ -211,15 +211,17 @@ WS_CASES = {
 
 @pytest.mark.parametrize("name", list(WS_CASES))
 def test_warp_specialised_dkdv_compiles_without_spills(name, tmp_path):
-    """The Gluon kernels compile for sm_90 with their register split (setmaxnreg down to the
-    loader's count, up to the consumers') and nothing spilled in the consumers' loops (those
-    with MMAs: two, one per consumer)."""
-    from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS
+    """The Gluon kernels compile for sm_90 to the launch the configs name (num_warps
+    WS_WARPS), with their register split (setmaxnreg down to the loader's count, up to the
+    consumers') and nothing spilled in the consumers' loops (those with MMAs: two, one per
+    consumer)."""
+    from nsa_compile.kernels.nsa.triton_bwd import WS_CONSUMER_REGS, WS_LOADER_REGS, WS_WARPS
     kernel, G, D, constexprs = WS_CASES[name]
     out = _compile_for_hopper([_warp_specialised_job(kernel, G, D, 4, **constexprs)], tmp_path,
                               "--resources")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     report = json.loads(out.stdout.splitlines()[-1])
+    assert report["num_warps"] == WS_WARPS, report
     consumers = [loop for loop in report["loops"] if loop[1]]  # (instructions, MMAs, ld, st)
     assert len(consumers) == 2 and all(loop[2:] == [0, 0] for loop in consumers), report
     assert {WS_CONSUMER_REGS, WS_LOADER_REGS} <= set(report["setmaxnreg"]), report

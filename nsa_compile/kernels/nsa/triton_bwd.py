@@ -37,9 +37,9 @@ MERGE_DQ_WARPS = 8
 # 1.74 ms instead of 64's 1.89 at 64/4 64k, 0.87 instead of 0.96 at 32/8 64k.
 ROWS_BLOCK = 32
 # A dK/dV config with num_warps = WS_WARPS asks for the warp-specialised Gluon kernel
-# (`templates.nsa_bwd_ws`: two consumer warpgroups and a loader's; not a tuning candidate yet),
-# whose register split gives the second consumer WS_CONSUMER_REGS (its loop compiles without
-# spills at 232, tests/kernel_tests) and the loader WS_LOADER_REGS.
+# (`templates.nsa_bwd_ws`, imported only then: two consumer warpgroups and a loader's; not a
+# tuning candidate yet), whose register split gives the second consumer WS_CONSUMER_REGS (its
+# loop compiles without spills at 232, tests/kernel_tests) and the loader WS_LOADER_REGS.
 WS_WARPS, WS_CONSUMER_REGS, WS_LOADER_REGS = 12, 232, 32
 
 
@@ -143,9 +143,9 @@ class _Backward:
             grid = (cdiv(n_keys, cfg.block_n), self.B * self.H, splits)
             accumulate = name == "window" and self.wrote_dkv
             if cfg.num_warps == WS_WARPS:
-                self._check_ws(cfg, f"{self._kind(name, 'dkdv')}", keys=(keys, values))
-                from ...templates.nsa_bwd_ws import nsa_dense_bwd_dkdv_ws_kernel
-                nsa_dense_bwd_dkdv_ws_kernel[grid](
+                self._check_ws(cfg, self._kind(name, "dkdv"), keys=(keys, values))
+                from ...templates import nsa_bwd_ws
+                nsa_bwd_ws.nsa_dense_bwd_dkdv_ws_kernel[grid](
                     self.q, keys, values, self.do, rows, dk, dv, out_k, out_v,
                     *self._strides_ws(keys, values), *out_strides, *args, H=self.H, G=self.G,
                     BLOCK_T=cfg.block_m // self.G, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
@@ -255,9 +255,9 @@ class _Backward:
         """selected_dkdv's kernel in its warp-specialised Gluon form (`templates.nsa_bwd_ws`;
         the fused dQ shares whole-width)."""
         self._check_ws(cfg, "slc_dkdv")
-        from ...templates.nsa_bwd_ws import nsa_slc_bwd_dkdv_ws_kernel
+        from ...templates import nsa_bwd_ws
         fuse = dq_part is not None
-        nsa_slc_bwd_dkdv_ws_kernel[grid](
+        nsa_bwd_ws.nsa_slc_bwd_dkdv_ws_kernel[grid](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
             dq_part if fuse else self.dq, *self._strides_ws(self.k, self.v),
@@ -290,11 +290,11 @@ def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: Ke
     most its tile's rows, row strides of 16-element multiples, its tile shape (for the
     selected branch: whole-width dQ shares, block_n 0), enough stages to hold the second
     consumer's sums, and for the selected branch 64-key selection blocks."""
-    from ...templates.nsa_bwd_ws import KEYS_PER_TILE, ROWS_PER_TILE
     G = q.shape[1] // k.shape[1]
     strides = [st for x in (q, k, v, do) for st in x.stride()[:3]]
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return "runs on Hopper (sm_90) GPUs only"
+    from ...templates.nsa_bwd_ws import KEYS_PER_TILE, ROWS_PER_TILE
     keys = select_block if kind == "slc_dkdv" else cfg.block_n
     checks = [
         (kind == "slc_dkdv" and cfg.block_n != 0,
