@@ -104,16 +104,14 @@ def _consume_tiles(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_smem, ready, emp
     col: gl.constexpr = gl.SliceLayout(0, s_layout)
     pos = (k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, s_layout))) * KEY_STRIDE + KEY_LAST
     place = gl.arange(0, M, layout=col) // G
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, M, 16])
-    # dQ^T stored 8 consecutive d per thread (16-byte stores)
+    # dQ^T (D, M) accumulates in s_layout too; stored 8 consecutive d per thread (16-byte stores)
     dq_out: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 32 // (D // 8)], [1, 4], [0, 1])
     dq_d = gl.arange(0, D, layout=gl.SliceLayout(1, dq_out))
     dq_r = gl.arange(0, M, layout=gl.SliceLayout(0, dq_out))
     dk = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
     zero = gl.zeros([BLOCK_K, M], gl.float32, s_layout)
-    zero_dq = gl.zeros([D, M], gl.float32, dq_layout)
+    zero_dq = gl.zeros([D, M], gl.float32, s_layout)
     for i in range(WHO, n_tiles, 2):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)

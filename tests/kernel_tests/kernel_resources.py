@@ -122,32 +122,49 @@ def innermost_loops(sass: str) -> list:
     return out
 
 
-def report(jobs: list, kernels: list) -> None:
+def resources(job: dict) -> dict:
+    """What the GPU compiler makes of one job for sm_90: the warps it launches with, registers
+    and spill bytes (stores, loads) per ptxas (None where it says nothing), the PTX's register
+    reallocations (setmaxnreg counts: warp-specialised kernels), the SASS innermost loops
+    (`innermost_loops`) and whether ptxas serialised its wgmma. Compiles afresh where the
+    cache is fresh: ptxas reports only when it runs."""
     import triton
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    compiled, log = _compile(job)
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return dict(kernel=job["kernel"], num_warps=compiled.metadata.num_warps,
+                registers=int(regs.group(1)) if regs else None,
+                spills=tuple(map(int, spills.groups())) if spills else None,
+                setmaxnreg=sorted({int(n) for n in re.findall(
+                    r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])}),
+                loops=innermost_loops(sass), serialised=SERIALISED in log)
+
+
+def report(jobs: list, kernels: list) -> None:
     print("| HQ/H | kernel | constexprs | warps/stages | regs | spill st/ld B | innermost loops "
           "(instr, MMA, local ld, local st) | wgmma |")
     print("|---|---|---|---|---|---|---|---|")
     for job in jobs:
         if kernels and not any(k in job["kernel"] for k in kernels):
             continue
-        compiled, log = _compile(job)
-        regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
-                                  check=True).stdout
+        found = resources(job)
         names = list(job["signature"])
         shown = {names[i]: v for i, v in job["constexprs"]
                  if names[i] in ("BLOCK_T", "BLOCK_K", "BLOCK_C", "WINDOW", "KEY_STRIDE",
-                                      "FOLD", "FUSE_DQ", "DQ_HALVES", "ACCUMULATE")}
+                                 "FOLD", "FUSE_DQ", "DQ_HALVES", "ACCUMULATE")}
         options = job["options"]
+        spills = found["spills"]
         print(f"| {job['group']} | {job['kernel']} | {shown} | {options.get('num_warps', 4)}/"
-              f"{options.get('num_stages', 3)} | {regs.group(1) if regs else '?'} | "
-              f"{'/'.join(spills.groups()) if spills else '?'} | {innermost_loops(sass)} | "
-              f"{'serialised' if SERIALISED in log else ''} |")
+              f"{options.get('num_stages', 3)} | {found['registers'] or '?'} | "
+              f"{'/'.join(map(str, spills)) if spills else '?'} | {found['loops']} | "
+              f"{'serialised' if found['serialised'] else ''} |")
 
 
 def main() -> int:

@@ -100,8 +100,10 @@ class _Backward:
         g_pad = _pow2(self.G)
         return cfg, g_pad, max(1, cfg.block_m // g_pad)
 
-    def _strides(self, keys: Tensor, values: Tensor):
-        return (*self.q.stride(), *keys.stride(), *values.stride(), *self.do.stride())
+    def _strides(self, keys: Tensor, values: Tensor, dims: int = 4):
+        """q's, the keys', the values' and dO's strides, of their first `dims` dimensions (the
+        Gluon kernels take 3: the last is 1)."""
+        return tuple(st for x in (self.q, keys, values, self.do) for st in x.stride()[:dims])
 
     def dense_dq(self, name: str) -> None:
         """dQ of the compressed or window branch."""
@@ -138,8 +140,9 @@ class _Backward:
                 out_k = dk.new_empty(splits, *dk.shape, dtype=torch.float32)
                 out_v = dv.new_empty(splits, *dv.shape, dtype=torch.float32)
             args = (self.T, n_keys, self.n_rows, q_chunk, dk.numel(), self.params.scale)
-            out_strides = (*out_k[0].stride()[:3], *out_v[0].stride()[:3]) if splits > 1 else (
-                *dk.stride()[:3], *dv.stride()[:3])
+            # the outputs' strides: one chunk's of the split sums, else dK's/dV's
+            k_strides = out_k[0].stride() if splits > 1 else dk.stride()
+            v_strides = out_v[0].stride() if splits > 1 else dv.stride()
             grid = (cdiv(n_keys, cfg.block_n), self.B * self.H, splits)
             accumulate = name == "window" and self.wrote_dkv
             if cfg.num_warps == WS_WARPS:
@@ -147,7 +150,8 @@ class _Backward:
                 from ...templates import nsa_bwd_ws
                 nsa_bwd_ws.nsa_dense_bwd_dkdv_ws_kernel[grid](
                     self.q, keys, values, self.do, rows, dk, dv, out_k, out_v,
-                    *self._strides_ws(keys, values), *out_strides, *args, H=self.H, G=self.G,
+                    *self._strides(keys, values, 3), *k_strides[:3], *v_strides[:3], *args,
+                    H=self.H, G=self.G,
                     BLOCK_T=cfg.block_m // self.G, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
                     KEY_LAST=key_last, WINDOW=window, D=self.q.shape[-1], ACCUMULATE=accumulate,
                     STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
@@ -156,9 +160,8 @@ class _Backward:
                 q_tiles, do_tiles, tma = tile_pair(self.q, self.do, block_t, g_pad)
                 nsa_dense_bwd_dkdv_kernel[grid](
                     self.q, keys, values, self.do, q_tiles, do_tiles, rows, dk, dv, out_k,
-                    out_v, *self._strides(keys, values),
-                    *out_k[0].stride() if splits > 1 else dk.stride(),
-                    *out_v[0].stride() if splits > 1 else dv.stride(), *args, G_PAD=g_pad,
+                    out_v, *self._strides(keys, values), *k_strides, *v_strides, *args,
+                    G_PAD=g_pad,
                     BLOCK_T=block_t, BLOCK_K=cfg.block_n, KEY_STRIDE=key_stride,
                     KEY_LAST=key_last, WINDOW=window, ACCUMULATE=accumulate, TMA=tma,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.common)
@@ -260,16 +263,12 @@ class _Backward:
         nsa_bwd_ws.nsa_slc_bwd_dkdv_ws_kernel[grid](
             self.q, self.k, self.v, self.do, self._branch("selected"), inv.queries, inv.starts,
             inv.pairs, slots, self.dk, self.dv, dk_part, dv_part,
-            dq_part if fuse else self.dq, *self._strides_ws(self.k, self.v),
+            dq_part if fuse else self.dq, *self._strides(self.k, self.v, 3),
             *self.dk.stride()[:3], *self.dv.stride()[:3], self.T, grid[2], self.n_rows, chunk,
             self.params.scale, H=self.H, G=self.G, BLOCK_T=cfg.block_m // self.G,
             LP=self.params.select_block, D=self.q.shape[-1], ACCUMULATE=self.wrote_dkv,
             FUSE_DQ=fuse, STAGES=cfg.num_stages, CONSUMER_REGS=WS_CONSUMER_REGS,
             LOADER_REGS=WS_LOADER_REGS, num_warps=4)
-
-    def _strides_ws(self, keys: Tensor, values: Tensor):
-        """The Gluon kernels' strides: of the first three dimensions (the last is 1)."""
-        return tuple(st for x in (self.q, keys, values, self.do) for st in x.stride()[:3])
 
     def _check_ws(self, cfg: KernelConfig, kind: str,
                   keys: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -295,7 +294,6 @@ def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: Ke
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return "runs on Hopper (sm_90) GPUs only"
     from ...templates.nsa_bwd_ws import KEYS_PER_TILE, ROWS_PER_TILE
-    keys = select_block if kind == "slc_dkdv" else cfg.block_n
     checks = [
         (kind == "slc_dkdv" and cfg.block_n != 0,
          "forms the fused dQ shares whole-width only (slc_dkdv block_n 0)"),
@@ -307,7 +305,7 @@ def warp_specialised_limits(q: Tensor, k: Tensor, v: Tensor, do: Tensor, cfg: Ke
         (any(st % 16 for st in strides) or any(x.stride(-1) != 1 or x.data_ptr() % 16
                                                for x in (q, k, v, do)),
          "needs contiguous rows at 16-element multiples (cp.async of 16 bytes)"),
-        (cfg.block_m != ROWS_PER_TILE or keys != KEYS_PER_TILE,
+        (cfg.block_m != ROWS_PER_TILE or kind != "slc_dkdv" and cfg.block_n != KEYS_PER_TILE,
          f"takes block_m {ROWS_PER_TILE}" + ("" if kind == "slc_dkdv" else
                                              f" and block_n {KEYS_PER_TILE}")),
         (cfg.num_stages * ROWS_PER_TILE < 2 * KEYS_PER_TILE,
