@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Do the warp-specialised Gluon dK/dV kernels (`templates.nsa_bwd_ws`) run correctly, and are
-# they faster than the tuned Triton ones? Their first GPU run, as one device call on a Hopper
-# GPU (the device tool: `bash benchmarks/ws_first_run.sh`; the step limits add up to 570 s, inside
-# one 600 s call).
+# they faster than the tuned Triton ones? Their GPU validation, as one device call on a
+# Hopper GPU (the device tool: `bash benchmarks/ws_first_run.sh`; the step limits add up to
+# 570 s, inside one 600 s call). On 2026-12-07 steps 1 and 3 ran on an H100 and passed
+# (benchmarks/RESULTS.md); step 2 has not run yet.
 #
-# Gluon has no interpreter, so these kernels have only ever been compiled. A wrong mbarrier
+# Gluon has no interpreter, so these kernels run only on a GPU. A wrong mbarrier
 # phase or count hangs the kernel rather than failing it: every step runs under `timeout`, so
 # a hang costs that step's limit, not the call's, and the steps after a failed one are skipped.
 # Logs go to $OUT (default out/); the last lines printed are the summary. `--quick` leaves out
