@@ -2,8 +2,8 @@
 # Do the warp-specialised Gluon dK/dV kernels (`templates.nsa_bwd_ws`) run correctly, and are
 # they faster than the tuned Triton ones? Their GPU validation, as one device call on a
 # Hopper GPU (the device tool: `bash benchmarks/ws_first_run.sh`; the step limits add up to
-# 570 s, inside one 600 s call). On 2026-12-07 steps 1 and 3 ran on an H100 and passed
-# (benchmarks/RESULTS.md); step 2 has not run yet.
+# 570 s, inside one 600 s call). On 2026-12-07 the commands of steps 1 and 3 ran on an H100,
+# as two calls, and passed (benchmarks/RESULTS.md); step 2 has not run yet.
 #
 # Gluon has no interpreter, so these kernels run only on a GPU. A wrong mbarrier
 # phase or count hangs the kernel rather than failing it: every step runs under `timeout`, so
@@ -12,7 +12,11 @@
 # the whole sweep (step 2): 340 s, for a call with less device time left.
 set -u
 quick=0
-[ "${1:-}" = --quick ] && quick=1
+case "${1:-}" in
+    "") ;;
+    --quick) quick=1 ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD NSA_COMPILE_AUTOTUNE=0
 logs=${OUT:-out}
